@@ -1,0 +1,34 @@
+# Each target creates or reuses .venv and installs the package (editable, with dev tools) first,
+# so on a fresh machine `make train` or `make test` is the only command needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install train test lint format clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --editable '.[dev]'
+	touch $@
+
+# make train ARGS="optimizer=adamw scheduler=onecycle trainer.epochs=20"
+train: $(INSTALLED)
+	$(PY) -m cifar_exp.train $(ARGS)
+
+# make test ARGS="-k data"  (CIFAR_DATA=<unpacked folder tree> skips unpacking ../shared/data)
+test: $(INSTALLED) lint
+	$(PY) -m pytest $(ARGS)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check cifar_exp tests
+	$(VENV)/bin/ruff format --check cifar_exp tests
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff format cifar_exp tests
+	$(VENV)/bin/ruff check --fix cifar_exp tests
+
+clean:
+	rm -rf outputs/*/ .pytest_cache .ruff_cache

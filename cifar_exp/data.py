@@ -1,0 +1,207 @@
+"""CIFAR-10 as decoded uint8 arrays in memory, from the official files or an image folder tree.
+
+Both formats end as the same `ImageSet`: images (N, 32, 32, 3) uint8 and labels (N,) int64.
+Folder trees are decoded once and cached as .npy files, so re-runs do not decode again; within
+one process (a Hydra multirun) the arrays are kept in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torchvision.datasets import CIFAR10, ImageFolder
+
+from cifar_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+FORMATS = ("official", "folder")
+
+
+class DataNotFoundError(UserError):
+    """The data set is not where the config says, and could not be fetched."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64
+    classes: tuple[str, ...]
+
+
+def missing_data_message(root: Path, fmt: str, detail: str) -> str:
+    return (
+        f"No data set at data.root={root} (data.format={fmt}): {detail}\n"
+        "Provide CIFAR-10 in one of two ways:\n"
+        f"  - data.format=official data.root={root}: downloads the official python batches\n"
+        "    into data.root (needs internet; about 170 MB, checked by md5), or put an existing\n"
+        "    cifar-10-batches-py/ folder there;\n"
+        "  - data.format=folder data.root=<dir>: an image tree\n"
+        "    <dir>/{train,test}/<class>/*.png|*.jpg with one folder per class."
+    )
+
+
+def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Indices of the first `limit` images taken class by class in turn: the same every time.
+
+    The k-th image of every class comes before the (k+1)-th of any, so each class gets
+    limit/num_classes images (up to rounding) and a larger limit extends a smaller one.
+    """
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    if limit <= 0:
+        raise UserError(
+            f"data.limit_train and data.limit_test must be positive or null, got {limit}"
+        )
+    order = np.argsort(labels, kind="stable")
+    rank_in_class = np.empty(len(labels), dtype=np.int64)
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank_in_class[order] = np.arange(len(labels)) - starts
+    chosen = np.lexsort((labels, rank_in_class))[:limit]
+    return np.sort(chosen)
+
+
+def load_official(root: Path, split: str, limit: int | None) -> ImageSet:
+    try:
+        ds = CIFAR10(str(root), train=split == "train", download=True)
+    except (OSError, RuntimeError) as err:  # no network, unreachable mirror, failed md5
+        raise DataNotFoundError(
+            missing_data_message(root, "official", f"download failed ({err})")
+        ) from err
+    labels = np.asarray(ds.targets, dtype=np.int64)
+    keep = balanced_subset(labels, limit)
+    return ImageSet(ds.data[keep], labels[keep], tuple(ds.classes))
+
+
+def decode(paths: list[str]) -> np.ndarray:
+    def read(path: str) -> np.ndarray:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # Pillow decodes without the GIL
+        return np.stack(list(pool.map(read, paths, chunksize=256)))
+
+
+def cache_key(paths: list[str]) -> str:
+    """Identity of a list of image files: their paths, sizes and modification times."""
+    digest = hashlib.sha256()
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def load_folder(root: Path, split: str, limit: int | None, cache_dir: Path | None) -> ImageSet:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataNotFoundError(
+            missing_data_message(root, "folder", f"{split_dir} is not a folder")
+        )
+    try:
+        tree = ImageFolder(str(split_dir))  # lists root/<class>/<image> in sorted order
+    except FileNotFoundError as err:
+        raise DataNotFoundError(missing_data_message(root, "folder", str(err))) from err
+    labels = np.asarray(tree.targets, dtype=np.int64)
+    keep = balanced_subset(labels, limit)
+    paths = [tree.samples[i][0] for i in keep]
+    classes = tuple(tree.classes)
+    if cache_dir is None:
+        return ImageSet(decode(paths), labels[keep], classes)
+
+    cache_file = cache_dir / f"{split}-{len(paths)}-{cache_key(paths)}.npy"
+    if cache_file.exists():
+        images = np.load(cache_file)
+    else:
+        log.info("Decoding %d %s images from %s (cached in %s)", len(paths), split, root, cache_dir)
+        images = decode(paths)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Write to a temporary file and rename, so an interrupted run leaves no broken cache.
+        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
+            np.save(tmp, images)
+        os.replace(tmp.name, cache_file)
+    return ImageSet(images, labels[keep], classes)
+
+
+@functools.lru_cache(maxsize=4)
+def load_split(
+    root: str, fmt: str, split: str, limit: int | None = None, cache_dir: str | None = None
+) -> ImageSet:
+    """One split of the data set, decoded; kept in memory for later calls with the same args."""
+    if fmt not in FORMATS:
+        raise UserError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    root_path = Path(root).expanduser().resolve()
+    if fmt == "official":
+        return load_official(root_path, split, limit)
+    return load_folder(root_path, split, limit, Path(cache_dir).expanduser() if cache_dir else None)
+
+
+class AugmentedImages(Dataset):
+    """uint8 HWC images passed through an albumentations pipeline that ends in a tensor."""
+
+    def __init__(self, data: ImageSet, transform: Callable) -> None:
+        self.data = data
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(image=self.data.images[i])["image"], int(self.data.labels[i])
+
+
+def reseed_worker_transform(worker_id: int) -> None:
+    """Give each worker's copy of the pipeline its own stream, drawn from the loader's seed.
+
+    albumentations keeps its own random state, which forked workers would otherwise share.
+    """
+    info = get_worker_info()
+    info.dataset.transform.set_random_seed(info.seed % 2**32)
+
+
+def make_loader(
+    data: ImageSet,
+    transform: Callable,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+    return DataLoader(
+        AugmentedImages(data, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # workers restart each epoch and draw fresh seeds
+        worker_init_fn=reseed_worker_transform if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def load(data_cfg: Mapping, split: str) -> ImageSet:
+    """The split named by the `data` config group, subset by its limit_<split>."""
+    return load_split(
+        str(data_cfg["root"]),
+        data_cfg["format"],
+        split,
+        data_cfg[f"limit_{split}"],
+        data_cfg.get("cache_dir"),
+    )

@@ -1,0 +1,168 @@
+"""The training loop: plain PyTorch, whatever model, optimizer and scheduler it is given."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU; any other name is used as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the loader, and the predicted and true class of every image."""
+    model.eval()
+    loss_sum, predictions, targets = 0.0, [], []
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        predictions.append(logits.argmax(1).cpu())
+        targets.append(labels.cpu())
+    predictions, targets = torch.cat(predictions), torch.cat(targets)
+    return loss_sum / len(targets), predictions, targets
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    *,
+    epochs: int,
+    device: torch.device,
+    run_dir: Path,
+    tracker: Any,
+    scheduler_interval: str = "epoch",
+    scheduler_monitor: str | None = None,
+    checkpoint_extra: dict | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train for `epochs`, testing after each; returns the per-epoch metrics.
+
+    Each epoch appends one JSON line to run_dir/metrics.jsonl, logs the same to `tracker`
+    (a W&B run) and writes checkpoints/last.pt, and checkpoints/best.pt when test accuracy
+    improves. The scheduler steps after every batch (interval "step") or every epoch, given
+    the monitored metric if it has one (ReduceLROnPlateau).
+    """
+    model.to(device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = run_dir / "metrics.jsonl"
+    history: list[dict] = []
+    best_acc = -1.0
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
+        for images, labels in bar:
+            images, labels = (
+                images.to(device, non_blocking=True),
+                labels.to(device, non_blocking=True),
+            )
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler_interval == "step":
+                scheduler.step()
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        train_seconds = time.perf_counter() - start
+
+        test_loss, predictions, targets = evaluate(model, test_loader, device)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "test_loss": test_loss,
+            "test_acc": (predictions == targets).float().mean().item(),
+            "lr": lr,
+            "epoch_seconds": time.perf_counter() - start,
+            "images_per_second": seen / train_seconds,
+        }
+        if scheduler_interval == "epoch":
+            if scheduler_monitor:
+                scheduler.step(metrics[scheduler_monitor])
+            else:
+                scheduler.step()
+
+        history.append(metrics)
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        tracker.log(metrics, step=epoch)
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.3g  %.1fs",
+            epoch,
+            epochs,
+            metrics["train_loss"],
+            metrics["train_acc"],
+            test_loss,
+            metrics["test_acc"],
+            lr,
+            metrics["epoch_seconds"],
+        )
+
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "metrics": metrics,
+            "best_test_acc": max(best_acc, metrics["test_acc"]),
+            **(checkpoint_extra or {}),
+        }
+        save_atomic(checkpoint, run_dir / "checkpoints" / "last.pt")
+        if metrics["test_acc"] > best_acc:
+            best_acc = metrics["test_acc"]
+            save_atomic(checkpoint, run_dir / "checkpoints" / "best.pt")
+    return history

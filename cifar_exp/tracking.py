@@ -1,0 +1,52 @@
+"""Weights & Biases runs: one per training job, its files kept inside the run folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import wandb
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+
+def start_run(logger_cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Any:
+    """Start the W&B run of this Hydra job (offline, online or disabled, as configured).
+
+    It is named by the job's overrides and, in a multirun, grouped by the sweep. W&B's cache,
+    data, artifact staging and settings folders go under run_dir/wandb, not the home folder.
+    """
+    wandb_dir = run_dir / "wandb"
+    for variable, sub in (
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+        ("WANDB_CONFIG_DIR", "settings"),
+    ):
+        os.environ[variable] = str(wandb_dir / sub)
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+
+    hydra_cfg = HydraConfig.get()
+    name = logger_cfg.get("name") or hydra_cfg.job.override_dirname or None
+    group = logger_cfg.get("group")
+    if group is None and hydra_cfg.mode == RunMode.MULTIRUN:
+        group = Path(hydra_cfg.sweep.dir).as_posix().replace("/", "-")
+    # Partial: `config` is also the name of instantiate's own first argument.
+    init = instantiate(logger_cfg, _partial_=True)
+    return init(
+        dir=str(run_dir),
+        config=config,
+        name=name,
+        group=group,
+        reinit="finish_previous",  # one run per job, even inside a multirun process
+    )
+
+
+def log_model(run: Any, checkpoint: Path, name: str = "model") -> None:
+    """Attach a checkpoint to the run as a W&B model artifact."""
+    artifact = wandb.Artifact(name, type="model")
+    artifact.add_file(str(checkpoint))
+    run.log_artifact(artifact, aliases=["best"])

@@ -1,0 +1,130 @@
+"""`python -m cifar_exp.train [overrides]`: train the configured model, one run per Hydra job."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torchinfo
+import wandb
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_exp import augment, data, plots, tracking
+from cifar_exp.errors import UserError, exit_on_user_error
+from cifar_exp.runner import fit, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def call_factory(key: str, factory: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call a `_partial_` object from the config; a value it rejects becomes a UserError."""
+    try:
+        return factory(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{key}: {factory.func.__qualname__} rejected its config: {err}") from err
+
+
+def train(cfg: DictConfig) -> float:
+    """Build everything the config names, train, and return the best test accuracy."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    device = resolve_device(cfg.trainer.device)
+
+    # Model and optimizer first: a bad value there fails before the data is loaded.
+    model = instantiate(cfg.model)
+    optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
+
+    train_set, test_set = data.load(cfg.data, "train"), data.load(cfg.data, "test")
+    if train_set.classes != test_set.classes:
+        raise UserError(f"train and test classes differ: {train_set.classes} vs {test_set.classes}")
+    loader_args = dict(
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        pin_memory=device.type == "cuda",
+    )
+    train_loader = data.make_loader(
+        train_set, instantiate(cfg.augment), shuffle=True, **loader_args
+    )
+    test_loader = data.make_loader(
+        test_set, augment.pipeline(cfg.data.mean, cfg.data.std), shuffle=False, **loader_args
+    )
+
+    # Per-batch schedulers (OneCycle) need the number of batches, known only now.
+    step_args = {"steps_per_epoch": len(train_loader)} if cfg.scheduler.interval == "step" else {}
+    scheduler = call_factory(
+        "scheduler.lr_scheduler", instantiate(cfg.scheduler.lr_scheduler), optimizer, **step_args
+    )
+
+    model_summary = str(torchinfo.summary(model, input_size=(1, 3, 32, 32), verbose=0))
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("Model:\n%s", model_summary)
+    log.info(
+        "Device %s; %d training and %d test images; run folder %s",
+        device,
+        len(train_set.labels),
+        len(test_set.labels),
+        run_dir,
+    )
+    summary_file = run_dir / "summary.txt"
+    summary_file.write_text(model_summary + "\n")
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    run = tracking.start_run(cfg.logger, run_dir, config)
+    try:
+        run.summary["params"] = num_params
+        history = fit(
+            model,
+            optimizer,
+            scheduler,
+            train_loader,
+            test_loader,
+            epochs=cfg.trainer.epochs,
+            device=device,
+            run_dir=run_dir,
+            tracker=run,
+            scheduler_interval=cfg.scheduler.interval,
+            scheduler_monitor=cfg.scheduler.monitor,
+            checkpoint_extra={"config": config, "classes": list(train_set.classes)},
+            progress=cfg.trainer.progress,
+        )
+        best = max(history, key=lambda m: m["test_acc"])
+        results = {
+            "params": num_params,
+            "best_test_acc": best["test_acc"],
+            "best_epoch": best["epoch"],
+            "final_test_acc": history[-1]["test_acc"],
+            "final_train_acc": history[-1]["train_acc"],
+            "mean_epoch_seconds": sum(m["epoch_seconds"] for m in history) / len(history),
+        }
+        with summary_file.open("a") as f:
+            f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
+        graphs = plots.plot_curves(history, run_dir / "graphs.png")
+        run.summary.update(results)
+        run.log({"graphs": wandb.Image(str(graphs))})
+        tracking.log_model(run, run_dir / "checkpoints" / "best.pt")
+    finally:
+        run.finish()
+    log.info(
+        "Best test accuracy %.4f (epoch %d), final %.4f. Run folder: %s",
+        results["best_test_acc"],
+        results["best_epoch"],
+        results["final_test_acc"],
+        run_dir,
+    )
+    return results["best_test_acc"]
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    with exit_on_user_error():
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

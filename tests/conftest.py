@@ -1,0 +1,90 @@
+"""Shared fixtures. Tests on real images use the CIFAR-10 copy in ../shared/data (unpacked once
+into a temporary folder) or the folder tree named by CIFAR_DATA. In CI a missing copy is a
+failure; elsewhere those tests are skipped with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    """A folder-format CIFAR-10 tree: root/{train,test}/<class>/*.jpg."""
+    if os.environ.get("CIFAR_DATA"):
+        return Path(os.environ["CIFAR_DATA"])
+    if not ARCHIVE.is_file():
+        reason = f"CIFAR-10 copy not found at {ARCHIVE} and CIFAR_DATA is not set"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # Unpacked once into the user's cache (never beside the read-only archive) and reused.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar_exp"
+    root = cache / f"cifar10-jpeg-{ARCHIVE.stat().st_size}"
+    if not root.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cache, prefix="unpacking-"))
+        subprocess.run(["tar", "xzf", str(ARCHIVE), "-C", str(partial)], check=True)
+        partial.rename(root)  # all or nothing: an interrupted unpack is never used
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One decode cache for the whole session, so each subset is decoded once."""
+    return tmp_path_factory.mktemp("decode-cache")
+
+
+def run_cli(
+    module: str, *overrides: str, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m cifar_exp.<module> overrides...` as a user would, from the repo root."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"cifar_exp.{module}", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def data_overrides(root: Path, cache: Path, train: int, test: int) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.format=folder",
+        f"data.cache_dir={cache}",
+        f"data.limit_train={train}",
+        f"data.limit_test={test}",
+        "trainer.progress=false",
+    ]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wandb_records(run_dir: Path) -> list[dict]:
+    """Every record of the run's offline .wandb log, read back with `wandb leet inspect`."""
+    (log_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(log_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]

@@ -1,0 +1,153 @@
+"""End to end through the command line, on real images: train, track, evaluate, sweep, fail."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import data_overrides, read_metrics, run_cli, wandb_records
+
+METRIC_KEYS = {
+    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
+    "images_per_second",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """An empty home folder for the runs, to prove W&B writes nothing there."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(cifar_root, cache_dir, tmp_path_factory, home):
+    """The seed recipe for two epochs on 5,000 training and 1,000 test images."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    run_cli(
+        "train",
+        *data_overrides(cifar_root, cache_dir, train=5000, test=1000),
+        "trainer.epochs=2",
+        f"hydra.run.dir={run_dir}",
+        env={"HOME": str(home)},
+    )
+    return run_dir
+
+
+def test_smoke_training_learns_and_records_every_epoch(smoke_run):
+    metrics = read_metrics(smoke_run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(set(m) == METRIC_KEYS for m in metrics)
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert max(m["test_acc"] for m in metrics) > 0.25  # chance is 0.10
+    assert all(m["images_per_second"] > 0 and m["lr"] == 0.05 for m in metrics)
+
+
+def test_run_folder_holds_every_file(smoke_run):
+    for name in ("metrics.jsonl", "summary.txt", "graphs.png", "checkpoints/last.pt",
+                 "checkpoints/best.pt", ".hydra/config.yaml"):  # fmt: skip
+        assert (smoke_run / name).is_file(), name
+    assert (smoke_run / "graphs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (smoke_run / "summary.txt").read_text()
+    assert "Total params: 180,298" in summary and "best_test_acc" in summary
+    assert len(list(smoke_run.glob("wandb/offline-run-*/run-*.wandb"))) == 1
+
+
+def test_wandb_keeps_its_folders_in_the_run_folder(smoke_run, home):
+    assert not [p for p in home.rglob("*") if "wandb" in p.name.lower()]
+    assert (smoke_run / "wandb" / "cache").is_dir()
+
+
+def test_wandb_offline_run_reads_back_with_the_logged_metrics(smoke_run):
+    records = wandb_records(smoke_run)
+    metrics = read_metrics(smoke_run)
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    for logged, written in zip(history, metrics, strict=True):
+        assert logged["test_acc"] == pytest.approx(written["test_acc"])
+        assert logged["train_loss"] == pytest.approx(written["train_loss"])
+    assert any("graphs._type" in h for h in history)
+
+    (run,) = [r["run"] for r in records if r["type"] == "run"]
+    config = run["config"]["update"]
+    assert config["trainer"]["epochs"] == 2 and config["model"]["norm"] == "batch"
+
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"]["update"])
+    assert summary["params"] == 180_298
+    assert summary["best_test_acc"] == pytest.approx(max(m["test_acc"] for m in metrics))
+    assert summary["final_test_acc"] == pytest.approx(metrics[-1]["test_acc"])
+
+    artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
+    assert [(a["type"], a["manifest"]["contents"][0]["path"]) for a in artifacts] == [
+        ("model", "best.pt")
+    ]
+
+
+def test_evaluate_cli_scores_the_best_checkpoint(smoke_run, cifar_root, cache_dir, tmp_path):
+    proc = run_cli(
+        "evaluate",
+        f"ckpt={smoke_run / 'checkpoints' / 'best.pt'}",
+        *data_overrides(cifar_root, cache_dir, train=10, test=1000)[:5],
+        f"hydra.run.dir={tmp_path}",
+    )
+    result = json.loads((tmp_path / "eval.json").read_text())
+    best = max(m["test_acc"] for m in read_metrics(smoke_run))
+    assert result["accuracy"] == pytest.approx(best, abs=1e-6)  # same images, same weights
+    assert result["images"] == 1000
+    assert set(result["per_class_accuracy"]) >= {"airplane", "truck"}
+    assert "airplane" in proc.stdout + proc.stderr  # the per-class table is printed
+
+
+def test_two_job_multirun_gives_two_wandb_runs_in_one_group(cifar_root, cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "train",
+        "-m",
+        "optimizer=sgd,adamw",
+        *data_overrides(cifar_root, cache_dir, train=500, test=200),
+        "trainer.epochs=1",
+        f"hydra.sweep.dir={sweep}",
+    )
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name[:2] for p in runs] == ["0_", "1_"]
+    assert "optimizer=sgd" in runs[0].name and "optimizer=adamw" in runs[1].name
+    headers = [next(r["run"] for r in wandb_records(run) if r["type"] == "run") for run in runs]
+    groups = {h["run_group"] for h in headers}
+    assert len(groups) == 1 and groups.pop()
+    names = [h["display_name"] for h in headers]  # the overrides, less where the data lives
+    assert names == [run.name[2:] for run in runs]
+    assert not any("data.root" in name for name in names)
+    assert headers[0]["run_id"] != headers[1]["run_id"]
+    for run in runs:
+        assert len(read_metrics(run)) == 1
+        assert any(r["type"] == "exit" for r in wandb_records(run))  # each run finished
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model=nonexistent"], "Could not find 'model/nonexistent'"),
+        (["optimizer.lr=-1"], "Invalid learning rate: -1"),
+        (["data.format=folder", "data.root=/nonexistent/cifar"], "data.root=/nonexistent/cifar"),
+    ],
+)
+def test_bad_input_ends_with_a_short_clear_error(overrides, expected, tmp_path):
+    proc = run_cli("train", *overrides, f"hydra.run.dir={tmp_path}", check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert expected in output
+    assert "Traceback" not in output
+    assert len(output.strip().splitlines()) <= 12, output
+
+
+def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):
+    proc = run_cli("evaluate", f"ckpt={tmp_path / 'missing.pt'}", f"hydra.run.dir={tmp_path}",
+                   check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert "no such checkpoint file" in proc.stderr + proc.stdout
+    assert not (tmp_path / "eval.json").exists()
+    assert "Traceback" not in proc.stderr
+    assert os.path.isdir(tmp_path)
