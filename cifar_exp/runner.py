@@ -32,13 +32,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and PyTorch (CUDA too); optionally allow deterministic kernels only.
+
+    Both are set on every call: the jobs of a multirun share one process.
+    """
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA too
+    torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = False
 
 
 def save_atomic(obj: Any, path: Path) -> None:

@@ -39,7 +39,7 @@ def test_smoke_training_learns_and_records_every_epoch(smoke_run):
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert all(set(m) == METRIC_KEYS for m in metrics)
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
-    assert max(m["test_acc"] for m in metrics) > 0.25  # chance is 0.10
+    assert max(m["test_acc"] for m in metrics) > 0.20  # twice chance; 0.304 when written
     assert all(m["images_per_second"] > 0 and m["lr"] == 0.05 for m in metrics)
 
 
