@@ -19,6 +19,12 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+# What fit records for every epoch, in metrics.jsonl and in the tracker.
+EPOCH_METRICS = (
+    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
+    "images_per_second",
+)  # fmt: skip
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU; any other name is used as given."""

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import augment, data, plots, tracking
 from cifar_exp.errors import UserError, exit_on_user_error
-from cifar_exp.runner import fit, resolve_device, seed_everything
+from cifar_exp.runner import EPOCH_METRICS, fit, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,12 @@ def train(cfg: DictConfig) -> float:
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device)
 
-    # Model and optimizer first: a bad value there fails before the data is loaded.
+    # Config checks, model and optimizer first: a bad value fails before the data is loaded.
+    if cfg.scheduler.monitor not in (None, *EPOCH_METRICS):
+        raise UserError(
+            f"scheduler.monitor={cfg.scheduler.monitor} is not a metric; "
+            f"choose one of {', '.join(EPOCH_METRICS)}"
+        )
     model = instantiate(cfg.model)
     optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
 
@@ -75,8 +80,8 @@ def train(cfg: DictConfig) -> float:
     summary_file.write_text(model_summary + "\n")
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    run = tracking.start_run(cfg.logger, run_dir, config)
-    try:
+    # The W&B run ends when the block does, marked failed if it raised.
+    with tracking.start_run(cfg.logger, run_dir, config) as run:
         run.summary["params"] = num_params
         history = fit(
             model,
@@ -108,8 +113,6 @@ def train(cfg: DictConfig) -> float:
         run.summary.update(results)
         run.log({"graphs": wandb.Image(str(graphs))})
         tracking.log_model(run, run_dir / "checkpoints" / "best.pt")
-    finally:
-        run.finish()
     log.info(
         "Best test accuracy %.4f (epoch %d), final %.4f. Run folder: %s",
         results["best_test_acc"],

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cifar_exp import augment, data
 from cifar_exp.models import ConvNet
-from cifar_exp.runner import fit, resolve_device, seed_everything
+from cifar_exp.runner import EPOCH_METRICS, fit, resolve_device, seed_everything
 
 BLOCKS = [{"convs": [8], "transition": {"channels": 16, "stride": 2, "padding": 1}}]
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -79,6 +79,7 @@ def test_plateau_is_given_the_monitored_metric(tmp_path):
 def test_metrics_tracker_and_checkpoints_agree(tmp_path):
     history, _, tracker = run_fit(tmp_path, lambda opt: torch.optim.lr_scheduler.StepLR(opt, 5))
     assert read_metrics(tmp_path) == history
+    assert all(tuple(m) == EPOCH_METRICS for m in history)
     assert [step for step, _ in tracker.logged] == [1, 2]
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)

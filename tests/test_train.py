@@ -8,6 +8,7 @@ import os
 import pytest
 from conftest import data_overrides, read_metrics, run_cli, wandb_records
 
+# The list, written out: a change to runner.EPOCH_METRICS must be deliberate.
 METRIC_KEYS = {
     "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
     "images_per_second",
@@ -132,6 +133,7 @@ def test_two_job_multirun_gives_two_wandb_runs_in_one_group(cifar_root, cache_di
         (["model=nonexistent"], "Could not find 'model/nonexistent'"),
         (["optimizer.lr=-1"], "Invalid learning rate: -1"),
         (["data.format=folder", "data.root=/nonexistent/cifar"], "data.root=/nonexistent/cifar"),
+        (["scheduler=plateau", "scheduler.monitor=val_acc"], "scheduler.monitor=val_acc"),
     ],
 )
 def test_bad_input_ends_with_a_short_clear_error(overrides, expected, tmp_path):
