@@ -112,10 +112,8 @@ def fit(
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
         for images, labels in bar:
-            images, labels = (
-                images.to(device, non_blocking=True),
-                labels.to(device, non_blocking=True),
-            )
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
