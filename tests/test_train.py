@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from conftest import data_overrides, read_metrics, run_cli, wandb_records
@@ -152,4 +151,3 @@ def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):
     assert "no such checkpoint file" in proc.stderr + proc.stdout
     assert not (tmp_path / "eval.json").exists()
     assert "Traceback" not in proc.stderr
-    assert os.path.isdir(tmp_path)
