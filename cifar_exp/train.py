@@ -29,6 +29,13 @@ def call_factory(key: str, factory: Callable, *args: Any, **kwargs: Any) -> Any:
         raise UserError(f"{key}: {factory.func.__qualname__} rejected its config: {err}") from err
 
 
+def build_scheduler(scheduler_cfg: DictConfig, optimizer: Any, steps_per_epoch: int) -> Any:
+    """The configured LR scheduler; per-batch ones (OneCycle) also get the batches per epoch."""
+    step_args = {"steps_per_epoch": steps_per_epoch} if scheduler_cfg.interval == "step" else {}
+    factory = instantiate(scheduler_cfg.lr_scheduler)
+    return call_factory("scheduler.lr_scheduler", factory, optimizer, **step_args)
+
+
 def train(cfg: DictConfig) -> float:
     """Build everything the config names, train, and return the best test accuracy."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -60,11 +67,7 @@ def train(cfg: DictConfig) -> float:
         test_set, augment.pipeline(cfg.data.mean, cfg.data.std), shuffle=False, **loader_args
     )
 
-    # Per-batch schedulers (OneCycle) need the number of batches, known only now.
-    step_args = {"steps_per_epoch": len(train_loader)} if cfg.scheduler.interval == "step" else {}
-    scheduler = call_factory(
-        "scheduler.lr_scheduler", instantiate(cfg.scheduler.lr_scheduler), optimizer, **step_args
-    )
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
 
     model_summary = str(torchinfo.summary(model, input_size=(1, 3, 32, 32), verbose=0))
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cifar_exp.train import call_factory
+from cifar_exp.train import build_scheduler, call_factory
 
 CONF = REPO / "conf"
 
@@ -64,10 +64,9 @@ def test_optimizer_options_build(name):
 def test_scheduler_options_build_and_step(name):
     cfg = compose_train(f"scheduler={name}", "trainer.epochs=3")
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
-    steps = {"steps_per_epoch": 4} if cfg.scheduler.interval == "step" else {}
-    scheduler = instantiate(cfg.scheduler.lr_scheduler)(optimizer, **steps)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=4)
     assert cfg.scheduler.interval in ("step", "epoch")
-    for _ in range(3 * (4 if steps else 1)):
+    for _ in range(3 * (4 if cfg.scheduler.interval == "step" else 1)):
         optimizer.step()
         scheduler.step(*([1.0] if cfg.scheduler.monitor else []))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
+from conftest import MEAN, STD
 from PIL import Image
 
 from cifar_exp import augment, data
@@ -17,7 +18,6 @@ from cifar_exp.data import DataNotFoundError, balanced_subset
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def test_balanced_subset_is_balanced_fixed_and_nested():
@@ -27,6 +27,8 @@ def test_balanced_subset_is_balanced_fixed_and_nested():
     assert np.array_equal(small, balanced_subset(labels, 200))
     assert set(small) <= set(large)
     assert np.array_equal(balanced_subset(labels, None), np.arange(5000))
+    with pytest.raises(data.UserError, match="must be positive or null"):
+        balanced_subset(labels, 0)
 
 
 def test_balanced_subset_takes_each_class_in_file_order():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import albumentations as A
 import pytest
 import torch
-from conftest import read_metrics
+from conftest import MEAN, STD, read_metrics
 from torch.utils.data import DataLoader, TensorDataset
 
 from cifar_exp import augment, data
@@ -13,7 +13,6 @@ from cifar_exp.models import ConvNet
 from cifar_exp.runner import EPOCH_METRICS, fit, resolve_device, seed_everything
 
 BLOCKS = [{"convs": [8], "transition": {"channels": 16, "stride": 2, "padding": 1}}]
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 class RecordingTracker:
