@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.datasets import CIFAR10, ImageFolder
 
+from cifar_exp.augment import BatchAugment
 from cifar_exp.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -172,24 +174,71 @@ def reseed_worker_transform(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(info.seed % 2**32)
 
 
+class TensorLoader:
+    """Batches sliced from a whole split held as one uint8 tensor on the training device.
+
+    Shuffling, slicing and `BatchAugment` run as a few tensor operations per batch: no
+    per-image Python and no worker processes. One generator on the device drives the order
+    and the augmentation, so a seed fixes both. Yields (images, labels) like a DataLoader.
+    """
+
+    def __init__(
+        self,
+        data: ImageSet,
+        augmentation: BatchAugment,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        # NHWC storage seen as NCHW: the layout channels_last wants, at no copy.
+        self.images = torch.from_numpy(data.images).to(device).permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(data.labels).to(device)
+        self.augmentation, self.batch_size, self.shuffle = augmentation, batch_size, shuffle
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, device = len(self.labels), self.labels.device
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator, device=device)
+        else:
+            order = torch.arange(n, device=device)
+        for batch in order.split(self.batch_size):
+            yield self.augmentation(self.images[batch], self.generator), self.labels[batch]
+
+
 def make_loader(
     data: ImageSet,
-    transform: Callable,
+    augmentation: Callable,
     *,
     batch_size: int,
     shuffle: bool,
-    num_workers: int,
     seed: int,
-    pin_memory: bool = False,
-) -> DataLoader:
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
+    device: torch.device,
+    num_workers: int,
+) -> TensorLoader | DataLoader:
+    """Batches of (normalised images, labels) for the training loop.
+
+    A `BatchAugment` gets a `TensorLoader` (data on `device`, batched augmentation); an
+    albumentations pipeline gets a DataLoader that augments image by image in `num_workers`
+    worker processes and hands CPU tensors to the loop.
+    """
+    if isinstance(augmentation, BatchAugment):
+        return TensorLoader(
+            data, augmentation, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device
+        )
+    if hasattr(augmentation, "set_random_seed"):
+        augmentation.set_random_seed(seed)
     return DataLoader(
-        AugmentedImages(data, transform),
+        AugmentedImages(data, augmentation),
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=device.type == "cuda",
         persistent_workers=False,  # workers restart each epoch and draw fresh seeds
         worker_init_fn=reseed_worker_transform if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),

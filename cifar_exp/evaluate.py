@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from cifar_exp import augment, data
 from cifar_exp.errors import UserError, exit_on_user_error
-from cifar_exp.runner import evaluate, resolve_device
+from cifar_exp.runner import evaluate, prepare_model, resolve_compute, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,11 @@ def score(cfg: DictConfig) -> dict:
     checkpoint = load_checkpoint(ckpt_path)
     model = instantiate(checkpoint["config"]["model"])
     model.load_state_dict(checkpoint["model"])
-    device = resolve_device(cfg.device)
+    # The training run's precision and layout, so its test accuracy is reproduced exactly.
+    trainer = checkpoint["config"]["trainer"]
+    compute = resolve_compute(
+        resolve_device(cfg.device), trainer["precision"], trainer["channels_last"], compile=False
+    )
 
     test_set = data.load(cfg.data, "test")
     trained_classes = tuple(checkpoint["classes"])
@@ -46,13 +50,14 @@ def score(cfg: DictConfig) -> dict:
         )
     loader = data.make_loader(
         test_set,
-        augment.pipeline(cfg.data.mean, cfg.data.std),
+        augment.BatchAugment(cfg.data.mean, cfg.data.std),
         batch_size=cfg.data.batch_size,
         shuffle=False,
         num_workers=cfg.data.num_workers,
         seed=0,
+        device=compute.device,
     )
-    loss, predictions, targets = evaluate(model.to(device), loader, device)
+    loss, predictions, targets = evaluate(prepare_model(model, compute), loader, compute)
     correct = predictions == targets
     per_class = {
         name: correct[targets == i].float().mean().item() for i, name in enumerate(test_set.classes)

@@ -7,6 +7,8 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from cifar_exp.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,7 @@ EPOCH_METRICS = (
     "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
     "images_per_second",
 )  # fmt: skip
+BAR_EVERY = 20  # batches between progress-bar updates of loss and accuracy (each waits for the GPU)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,38 +63,156 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how the model computes; every speed option can be switched off on its own."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None  # None: plain float32
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling keeps float16 gradients from underflowing; a no-op otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bfloat16 that runs at speed: Ampere or newer GPUs, CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def resolve_compute(
+    device: torch.device, precision: str, channels_last: bool, compile: bool | str
+) -> Compute:
+    """The trainer config's speed options for `device`; "auto" picks the measured default.
+
+    precision auto: bf16 autocast where the device runs bf16 natively, else fp32.
+    compile auto: on for CUDA; off elsewhere (on the CPU it did not pay back its compile time,
+    see BENCHMARKS.md).
+    """
+    if precision == "auto":
+        precision = "bf16" if bf16_supported(device) else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(
+            f"trainer.precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    if compile == "auto":
+        compile = device.type == "cuda"
+    return Compute(device, PRECISIONS[precision], bool(channels_last), bool(compile))
+
+
+def prepare_model(model: nn.Module, compute: Compute) -> nn.Module:
+    """Move the model to the device and layout; returns what to call (compiled or not).
+
+    A compiled model shares its parameters with `model`, whose state_dict stays the one to save.
+    """
+    model.to(compute.device, memory_format=compute.memory_format)
+    return torch.compile(model) if compute.compile else model
+
+
+def to_device(
+    images: torch.Tensor, labels: torch.Tensor, compute: Compute
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on the device, in the model's layout (no copy when it already is)."""
+    images = images.to(compute.device, non_blocking=True, memory_format=compute.memory_format)
+    return images, labels.to(compute.device, non_blocking=True)
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device
+    model: nn.Module, loader: Iterable, compute: Compute
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over the loader, and the predicted and true class of every image."""
     model.eval()
     loss_sum, predictions, targets = 0.0, [], []
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        predictions.append(logits.argmax(1).cpu())
-        targets.append(labels.cpu())
-    predictions, targets = torch.cat(predictions), torch.cat(targets)
-    return loss_sum / len(targets), predictions, targets
+        images, labels = to_device(images, labels, compute)
+        with compute.autocast():
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        predictions.append(logits.argmax(1))
+        targets.append(labels)
+    predictions, targets = torch.cat(predictions).cpu(), torch.cat(targets).cpu()
+    return float(loss_sum) / len(targets), predictions, targets
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    compute: Compute,
+    scaler: torch.amp.GradScaler,
+    step_scheduler: Any = None,
+    bar: tqdm | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[float, float, int]:
+    """One pass over the loader; returns mean loss, accuracy and the number of images.
+
+    `step_scheduler` steps after every batch (OneCycle). Running sums stay on the device, so
+    the loop never waits for the GPU except to update the progress bar now and then.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=compute.device)
+    correct = torch.zeros((), device=compute.device, dtype=torch.long)
+    seen = 0
+    for step, (images, labels) in enumerate(loader, 1):
+        images, labels = to_device(images, labels, compute)
+        with compute.autocast():
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if step_scheduler is not None:
+            step_scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        if bar is not None:
+            bar.update()
+            if step % BAR_EVERY == 0:
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}"
+                )
+    return loss_sum.item() / seen, correct.item() / seen, seen
 
 
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    train_loader: DataLoader,
-    test_loader: DataLoader,
+    train_loader: Iterable,
+    test_loader: Iterable,
     *,
     epochs: int,
-    device: torch.device,
+    compute: Compute,
     run_dir: Path,
     tracker: Any,
     scheduler_interval: str = "epoch",
     scheduler_monitor: str | None = None,
     checkpoint_extra: dict | None = None,
     progress: bool = True,
+    label_smoothing: float = 0.0,
 ) -> list[dict]:
     """Train for `epochs`, testing after each; returns the per-epoch metrics.
 
@@ -99,7 +221,8 @@ def fit(
     improves. The scheduler steps after every batch (interval "step") or every epoch, given
     the monitored metric if it has one (ReduceLROnPlateau).
     """
-    model.to(device)
+    forward = prepare_model(model, compute)
+    scaler = compute.grad_scaler()
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = run_dir / "metrics.jsonl"
     history: list[dict] = []
@@ -107,31 +230,24 @@ def fit(
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
-        for images, labels in bar:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler_interval == "step":
-                scheduler.step()
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        with tqdm(
+            total=len(train_loader),
+            desc=f"epoch {epoch}/{epochs}",
+            disable=not progress,
+            leave=False,
+        ) as bar:
+            train_loss, train_acc, seen = train_epoch(
+                forward, optimizer, train_loader, compute, scaler,
+                step_scheduler=scheduler if scheduler_interval == "step" else None, bar=bar,
+                label_smoothing=label_smoothing,
+            )  # fmt: skip
         train_seconds = time.perf_counter() - start
 
-        test_loss, predictions, targets = evaluate(model, test_loader, device)
+        test_loss, predictions, targets = evaluate(forward, test_loader, compute)
         metrics = {
             "epoch": epoch,
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
             "test_loss": test_loss,
             "test_acc": (predictions == targets).float().mean().item(),
             "lr": lr,
@@ -164,6 +280,7 @@ def fit(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "epoch": epoch,
             "metrics": metrics,
             "best_test_acc": max(best_acc, metrics["test_acc"]),

@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 import torchinfo
 import wandb
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from cifar_exp import augment, data, plots, tracking
 from cifar_exp.errors import UserError, exit_on_user_error
-from cifar_exp.runner import EPOCH_METRICS, fit, resolve_device, seed_everything
+from cifar_exp.runner import (
+    EPOCH_METRICS,
+    Compute,
+    fit,
+    resolve_compute,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,47 +46,73 @@ def build_scheduler(scheduler_cfg: DictConfig, optimizer: Any, steps_per_epoch: 
     return call_factory("scheduler.lr_scheduler", factory, optimizer, **step_args)
 
 
-def train(cfg: DictConfig) -> float:
-    """Build everything the config names, train, and return the best test accuracy."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    device = resolve_device(cfg.trainer.device)
+@dataclass
+class Training:
+    """Everything the config names, built and ready for the training loop."""
 
-    # Config checks, model and optimizer first: a bad value fails before the data is loaded.
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Iterable
+    test_loader: Iterable
+    compute: Compute
+    classes: tuple[str, ...]
+    sizes: tuple[int, int]  # training and test images
+
+
+def build(cfg: DictConfig) -> Training:
+    """Model, optimizer, data, scheduler and compute options from the config.
+
+    Config checks, model and optimizer come first: a bad value fails before the data is loaded.
+    """
     if cfg.scheduler.monitor not in (None, *EPOCH_METRICS):
         raise UserError(
             f"scheduler.monitor={cfg.scheduler.monitor} is not a metric; "
             f"choose one of {', '.join(EPOCH_METRICS)}"
         )
+    trainer = cfg.trainer
+    compute = resolve_compute(
+        resolve_device(trainer.device), trainer.precision, trainer.channels_last, trainer.compile
+    )
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
     model = instantiate(cfg.model)
     optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
 
     train_set, test_set = data.load(cfg.data, "train"), data.load(cfg.data, "test")
     if train_set.classes != test_set.classes:
         raise UserError(f"train and test classes differ: {train_set.classes} vs {test_set.classes}")
+    train_augment = instantiate(cfg.augment)
+    test_augment = augment.plain(train_augment, cfg.data.mean, cfg.data.std)
     loader_args = dict(
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
-        pin_memory=device.type == "cuda",
+        device=compute.device,
     )
-    train_loader = data.make_loader(
-        train_set, instantiate(cfg.augment), shuffle=True, **loader_args
-    )
-    test_loader = data.make_loader(
-        test_set, augment.pipeline(cfg.data.mean, cfg.data.std), shuffle=False, **loader_args
+    train_loader = data.make_loader(train_set, train_augment, shuffle=True, **loader_args)
+    test_loader = data.make_loader(test_set, test_augment, shuffle=False, **loader_args)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
+    sizes = (len(train_set.labels), len(test_set.labels))
+    return Training(
+        model, optimizer, scheduler, train_loader, test_loader, compute, train_set.classes, sizes
     )
 
-    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
+
+def train(cfg: DictConfig) -> float:
+    """Build everything the config names, train, and return the best test accuracy."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    setup = build(cfg)
+    model = setup.model
 
     model_summary = str(torchinfo.summary(model, input_size=(1, 3, 32, 32), verbose=0))
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("Model:\n%s", model_summary)
     log.info(
-        "Device %s; %d training and %d test images; run folder %s",
-        device,
-        len(train_set.labels),
-        len(test_set.labels),
+        "%s; %d training and %d test images; run folder %s",
+        setup.compute,
+        *setup.sizes,
         run_dir,
     )
     summary_file = run_dir / "summary.txt"
@@ -88,18 +124,19 @@ def train(cfg: DictConfig) -> float:
         run.summary["params"] = num_params
         history = fit(
             model,
-            optimizer,
-            scheduler,
-            train_loader,
-            test_loader,
+            setup.optimizer,
+            setup.scheduler,
+            setup.train_loader,
+            setup.test_loader,
             epochs=cfg.trainer.epochs,
-            device=device,
+            compute=setup.compute,
             run_dir=run_dir,
             tracker=run,
             scheduler_interval=cfg.scheduler.interval,
             scheduler_monitor=cfg.scheduler.monitor,
-            checkpoint_extra={"config": config, "classes": list(train_set.classes)},
+            checkpoint_extra={"config": config, "classes": list(setup.classes)},
             progress=cfg.trainer.progress,
+            label_smoothing=cfg.trainer.label_smoothing,
         )
         best = max(history, key=lambda m: m["test_acc"])
         results = {

@@ -11,9 +11,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cifar_exp import augment
 
 REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # conf/data/cifar10.yaml's normalisation, for tests that build pipelines directly
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -90,3 +97,18 @@ def wandb_records(run_dir: Path) -> list[dict]:
         timeout=120,
     ).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    """conf/train.yaml with overrides, through Hydra's compose API."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def augment_batch(transform, images: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """Either kind of train-time augmentation applied to uint8 NHWC images: a float NCHW batch."""
+    if isinstance(transform, augment.BatchAugment):
+        generator = torch.Generator().manual_seed(seed)
+        return transform(torch.from_numpy(images).permute(0, 3, 1, 2), generator)
+    transform.set_random_seed(seed)
+    return torch.stack([transform(image=image)["image"] for image in images])

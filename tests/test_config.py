@@ -5,29 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import CONF, augment_batch, compose_train
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cifar_exp.train import build_scheduler, call_factory
 
-CONF = REPO / "conf"
-
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 def test_every_group_has_the_options_users_rely_on():
     assert {"sgd", "adamw"} <= set(options("optimizer"))
     assert {"step", "onecycle", "cosine", "plateau"} <= set(options("scheduler"))
-    assert {"s9", "none"} <= set(options("augment"))
+    assert {"s9", "s9_batched", "none"} <= set(options("augment"))
     assert {"wandb", "none"} <= set(options("logger"))
 
 
@@ -74,9 +67,9 @@ def test_scheduler_options_build_and_step(name):
 @pytest.mark.parametrize("name", options("augment"))
 def test_augment_options_give_normalised_tensors(name):
     transform = instantiate(compose_train(f"augment={name}").augment)
-    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    out = transform(image=image)["image"]
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    out = augment_batch(transform, images)
+    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
     assert out.min() > -3 and out.max() < 3
 
 

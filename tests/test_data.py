@@ -146,6 +146,7 @@ def flip_flags(subset, seed, batches=2):
         shuffle=False,
         num_workers=2,
         seed=seed,
+        device=torch.device("cpu"),
     )
     plain = augment.pipeline(MEAN, STD)
     flags = []

@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cifar_exp import augment, data
 from cifar_exp.models import ConvNet
-from cifar_exp.runner import EPOCH_METRICS, fit, resolve_device, seed_everything
+from cifar_exp.runner import EPOCH_METRICS, Compute, fit, resolve_device, seed_everything
 
+CPU = Compute(torch.device("cpu"))
 BLOCKS = [{"convs": [8], "transition": {"channels": 16, "stride": 2, "padding": 1}}]
 
 
@@ -39,7 +40,7 @@ def run_fit(tmp_path, scheduler_factory, interval="epoch", monitor=None, epochs=
     loader = random_loader()
     history = fit(
         model, optimizer, scheduler, loader, loader,
-        epochs=epochs, device=torch.device("cpu"), run_dir=tmp_path, tracker=tracker,
+        epochs=epochs, compute=CPU, run_dir=tmp_path, tracker=tracker,
         scheduler_interval=interval, scheduler_monitor=monitor, progress=False,
     )  # fmt: skip
     return history, scheduler, tracker
@@ -95,12 +96,14 @@ def seeded_history(subset, seed, tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     s9 = augment.pipeline(MEAN, STD, before_normalize=[A.HorizontalFlip()])
     loaders = [
-        data.make_loader(subset, t, batch_size=32, shuffle=s, num_workers=2, seed=seed)
+        data.make_loader(
+            subset, t, batch_size=32, shuffle=s, num_workers=2, seed=seed, device=CPU.device
+        )
         for t, s in ((s9, True), (augment.pipeline(MEAN, STD), False))
     ]
     history = fit(
         model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 5), *loaders,
-        epochs=2, device=torch.device("cpu"), run_dir=tmp_path, tracker=RecordingTracker(),
+        epochs=2, compute=CPU, run_dir=tmp_path, tracker=RecordingTracker(),
         progress=False,
     )  # fmt: skip
     torch.use_deterministic_algorithms(False)

@@ -1,0 +1,165 @@
+"""`python -m cifar_exp.bench [--repeats N] [--variants a,b] [overrides]`: training throughput.
+
+Measures images per second over whole training epochs, data loading and augmentation
+included, for the naive baseline (per-image albumentations in a 2-worker DataLoader, eager
+float32, NCHW, batch 128), the framework's defaults, and each speed option added to the
+baseline on its own. The variants run interleaved in one process (a b c a b c ...), each
+after one untimed warm-up epoch, and every figure is a ratio to the baseline's epoch in the
+same round: absolute times on a shared machine are noise, paired ratios much less so.
+The last line printed is `speedup_vs_naive <median ratio of the defaults>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cifar_exp.errors import exit_on_user_error
+from cifar_exp.runner import prepare_model, seed_everything, train_epoch
+from cifar_exp.train import Training, build
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+NAIVE = [
+    "augment=s9", "data.num_workers=2", "data.batch_size=128", "trainer.precision=fp32",
+    "trainer.channels_last=false", "trainer.compile=false", "trainer.threads=null",
+]  # fmt: skip
+# Each variant's overrides on top of the command line's; later ones win.
+VARIANTS = {
+    "naive": NAIVE,
+    "defaults": [],
+    "batched_augment": [*NAIVE, "augment=s9_batched"],
+    "channels_last": [*NAIVE, "trainer.channels_last=true"],
+    "bf16": [*NAIVE, "trainer.precision=bf16"],
+    "compile": [*NAIVE, "trainer.compile=true"],
+    "batch_512": [*NAIVE, "data.batch_size=512"],
+    "threads_1": [*NAIVE, "trainer.threads=1"],
+    "defaults+compile": ["trainer.compile=true"],
+    "defaults+batch_512": ["data.batch_size=512"],
+}
+
+
+def timed_epoch(setup: Training, forward: torch.nn.Module, scaler: torch.amp.GradScaler) -> float:
+    """Images per second over one training epoch, waiting for the device at both ends."""
+    device = setup.compute.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    _, _, seen = train_epoch(forward, setup.optimizer, setup.train_loader, setup.compute, scaler)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return seen / (time.perf_counter() - start)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
+
+
+def run(names: list[str], overrides: list[str], repeats: int) -> dict:
+    """Build every variant, warm each up for one epoch, then time `repeats` interleaved rounds."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        configs: dict[str, DictConfig] = {
+            name: compose("train", overrides=[*overrides, *VARIANTS[name], "logger=none"])
+            for name in names
+        }
+    default_threads = torch.get_num_threads()
+    contestants = {}
+    for name, cfg in configs.items():
+        seed_everything(cfg.seed)
+        setup = build(cfg)
+        contestants[name] = (setup, prepare_model(setup.model, setup.compute), cfg)
+        print(f"{name}: {setup.compute}, batch {cfg.data.batch_size}", flush=True)
+
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats + 1):  # round 0 warms up: compilation, workers, caches
+        for name, (setup, forward, cfg) in contestants.items():
+            torch.set_num_threads(cfg.trainer.threads or default_threads)
+            speed = timed_epoch(setup, forward, setup.compute.grad_scaler())
+            if round_index:
+                per_round[name].append(speed)
+                print(f"round {round_index} {name}: {speed:.0f} images/s", flush=True)
+
+    baseline = per_round["naive"]
+    device = contestants["naive"][0].compute.device
+    results = {}
+    for name, speeds in per_round.items():
+        ratios = [s / b for s, b in zip(speeds, baseline, strict=True)]
+        results[name] = {
+            "overrides": VARIANTS[name],
+            "compute": str(contestants[name][0].compute),
+            "images_per_second": speeds,
+            "ratio_vs_naive": {
+                "min": min(ratios),
+                "median": statistics.median(ratios),
+                "max": max(ratios),
+                "all": ratios,
+            },  # fmt: skip
+        }
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "train_images": contestants["naive"][0].sizes[0],
+        "repeats": repeats,
+        "overrides": overrides,
+        "variants": results,
+    }
+
+
+def table(report: dict) -> str:
+    lines = [
+        f"{report['device']}, torch {report['torch']}, {report['train_images']} training images, "
+        f"{report['repeats']} paired rounds",
+        f"{'variant':<20} {'median img/s':>12} {'ratio min':>9} {'median':>7} {'max':>7}",
+    ]
+    for name, result in report["variants"].items():
+        ratio = result["ratio_vs_naive"]
+        lines.append(
+            f"{name:<20} {statistics.median(result['images_per_second']):>12.0f} "
+            f"{ratio['min']:>9.2f} {ratio['median']:>7.2f} {ratio['max']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of: {', '.join(VARIANTS)} (naive and defaults always run)",
+    )
+    parser.add_argument("--out", type=Path, help="JSON file (default outputs/bench/<time>.json)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every variant")
+    args = parser.parse_args(argv)
+    names = ["naive", "defaults"]
+    names += [n for n in args.variants.split(",") if n not in names]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or args.repeats < 1:
+        parser.error(f"unknown variants {unknown}" if unknown else "--repeats must be >= 1")
+    overrides = list(args.overrides)
+    if os.environ.get("CIFAR_DATA"):
+        overrides = [f"data.root={os.environ['CIFAR_DATA']}", "data.format=folder", *overrides]
+
+    with exit_on_user_error():
+        report = run(names, overrides, args.repeats)
+    out = args.out or Path("outputs/bench") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"written to {out}")
+    print(f"speedup_vs_naive {report['variants']['defaults']['ratio_vs_naive']['median']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The benchmark runs end to end on a tiny setting (its figures are not asserted: see
+BENCHMARKS.md), and every speed option trains on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import data_overrides, run_cli
+
+from cifar_exp.models import ConvNet
+from cifar_exp.runner import Compute, UserError, prepare_model, resolve_compute, train_epoch
+
+
+def test_bench_writes_ratios_and_ends_with_the_speedup(cifar_root, cache_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli(
+        "bench", "--repeats", "1", "--variants", "bf16", "--out", str(out),
+        *data_overrides(cifar_root, cache_dir, 256, 100),
+    )  # fmt: skip
+    name, value = proc.stdout.strip().splitlines()[-1].split()
+    report = json.loads(out.read_text())
+    assert list(report["variants"]) == ["naive", "defaults", "bf16"]
+    assert report["train_images"] == 256 and report["repeats"] == 1
+    assert report["variants"]["naive"]["ratio_vs_naive"]["all"] == [1.0]
+    defaults = report["variants"]["defaults"]
+    assert name == "speedup_vs_naive"
+    assert float(value) == pytest.approx(defaults["ratio_vs_naive"]["median"], abs=0.005)
+    speeds = [v["images_per_second"][0] for v in report["variants"].values()]
+    assert all(s > 0 for s in speeds)
+
+
+def test_bench_refuses_an_unknown_variant():
+    proc = run_cli("bench", "--variants", "warp_drive", check=False)
+    assert proc.returncode == 2 and "unknown variants ['warp_drive']" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(precision="fp32", channels_last=False, compile=False),
+        dict(precision="bf16", channels_last=True, compile=False),
+        dict(precision="fp16", channels_last=False, compile=False),  # with loss scaling
+        dict(precision="fp32", channels_last=False, compile=True),
+    ],
+)
+def test_every_speed_option_trains_on_the_cpu(options):
+    compute = resolve_compute(torch.device("cpu"), **options)
+    torch.manual_seed(0)
+    model = ConvNet([{"convs": [8], "transition": {"channels": 16, "stride": 2, "padding": 1}}])
+    forward = prepare_model(model, compute)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images, labels = torch.randn(64, 3, 32, 32), torch.arange(64) % 10
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(images[:32], labels[:32]), (images[32:], labels[32:])]
+    loss, _, seen = train_epoch(forward, optimizer, batches, compute, compute.grad_scaler())
+    assert seen == 64 and torch.isfinite(torch.tensor(loss))
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    if compute.channels_last:
+        assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_auto_compute_follows_the_device(monkeypatch):
+    cpu = resolve_compute(torch.device("cpu"), "auto", True, "auto")
+    assert not cpu.compile
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert cpu.autocast_dtype == (torch.bfloat16 if bf16 else None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    cuda = resolve_compute(torch.device("cuda"), "auto", True, "auto")
+    assert cuda == Compute(torch.device("cuda"), torch.bfloat16, True, True)
+    with pytest.raises(UserError, match="trainer.precision must be auto or one of"):
+        resolve_compute(torch.device("cpu"), "fp8", True, False)
