@@ -14,11 +14,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import augment, data, plots, tracking
+from cifar_exp import augment, budget, data, models, plots, tracking
 from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.runner import EPOCH_METRICS, fit, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
+
+# Sweep subfolders are named by their overrides; "/" in a group override (model/norm=group)
+# would nest folders.
+OmegaConf.register_new_resolver("path_safe", lambda text: text.replace("/", "-"), replace=True)
 
 
 def call_factory(key: str, factory: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -48,7 +52,10 @@ def train(cfg: DictConfig) -> float:
             f"scheduler.monitor={cfg.scheduler.monitor} is not a metric; "
             f"choose one of {', '.join(EPOCH_METRICS)}"
         )
-    model = instantiate(cfg.model)
+    model = models.build(cfg.model)
+    num_params, rf = budget.count_parameters(model), budget.receptive_field(model)
+    log.info("Model: %s parameters, receptive field %d pixels", f"{num_params:,}", rf)
+    budget.check(num_params, rf, cfg.model.get("max_params"), cfg.model.get("min_rf"))
     optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
 
     train_set, test_set = data.load(cfg.data, "train"), data.load(cfg.data, "test")
@@ -70,7 +77,6 @@ def train(cfg: DictConfig) -> float:
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
 
     model_summary = str(torchinfo.summary(model, input_size=(1, 3, 32, 32), verbose=0))
-    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("Model:\n%s", model_summary)
     log.info(
         "Device %s; %d training and %d test images; run folder %s",
@@ -85,7 +91,7 @@ def train(cfg: DictConfig) -> float:
     config = OmegaConf.to_container(cfg, resolve=True)
     # The W&B run ends when the block does, marked failed if it raised.
     with tracking.start_run(cfg.logger, run_dir, config) as run:
-        run.summary["params"] = num_params
+        run.summary.update({"params": num_params, "receptive_field": rf})
         history = fit(
             model,
             optimizer,
@@ -104,6 +110,7 @@ def train(cfg: DictConfig) -> float:
         best = max(history, key=lambda m: m["test_acc"])
         results = {
             "params": num_params,
+            "receptive_field": rf,
             "best_test_acc": best["test_acc"],
             "best_epoch": best["epoch"],
             "final_test_acc": history[-1]["test_acc"],
