@@ -12,8 +12,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # conf/data/cifar10.yaml's normalisation, for tests that build pipelines directly
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -44,6 +47,12 @@ def cifar_root() -> Path:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One decode cache for the whole session, so each subset is decoded once."""
     return tmp_path_factory.mktemp("decode-cache")
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    """The training config with these overrides, as the command line would compose it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
 
 
 def run_cli(

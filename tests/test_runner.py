@@ -12,7 +12,7 @@ from cifar_exp import augment, data
 from cifar_exp.models import ConvNet
 from cifar_exp.runner import EPOCH_METRICS, fit, resolve_device, seed_everything
 
-BLOCKS = [{"convs": [8], "transition": {"channels": 16, "stride": 2, "padding": 1}}]
+BLOCKS = [{"convs": [8], "transition": {"channels": 16, "type": "strided"}}]
 
 
 class RecordingTracker:
