@@ -112,7 +112,7 @@ def summarize(run: Run) -> dict[str, Any]:
 
 def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> Path | None:
     """Score `eval_images` test images (a fixed, class-balanced subset of the run's test set)
-    with the run's best checkpoint and draw the first `images` it gets wrong."""
+    with the run's best checkpoint and draw `images` of those it gets wrong, a few per class."""
     ckpt = run.path / "checkpoints" / "best.pt"
     if not ckpt.is_file():
         log.warning("No misclassified images for %s: %s is missing", run.path, ckpt)
@@ -122,15 +122,15 @@ def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> 
     limit = data_cfg.limit_test
     data_cfg.limit_test = eval_images if limit is None else min(limit, eval_images)
     test_set, _, predictions, targets = evaluate.predict(checkpoint, data_cfg, device)
-    wrong = (predictions != targets).nonzero().flatten().numpy()
-    # A few of every true class, not the first classes' only (the subset is in class order).
-    wrong = wrong[data.balanced_subset(targets[wrong].numpy(), images)].tolist()
+    all_wrong = (predictions != targets).nonzero().flatten().numpy()
+    # Balanced over the true classes: folder-format test sets list the images class by class.
+    wrong = all_wrong[data.balanced_subset(targets[all_wrong].numpy(), images)].tolist()
     names = test_set.classes
     captions = [f"true: {names[targets[i]]}\npred: {names[predictions[i]]}" for i in wrong]
     accuracy = (predictions == targets).float().mean().item()
     title = (
-        f"{run.label}: {len(wrong)} misclassified of {len(targets)} test images scored "
-        f"(accuracy {100 * accuracy:.1f}%, epoch {checkpoint['epoch']})"
+        f"{run.label}: {len(wrong)} of the {len(all_wrong)} misclassified among "
+        f"{len(targets)} test images (accuracy {100 * accuracy:.1f}%, epoch {checkpoint['epoch']})"
     )
     return plots.plot_image_grid(
         test_set.images[wrong], captions, title, run.path / "misclassified.png"
