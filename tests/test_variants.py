@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import CONF, compose_train, run_cli
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
 
 from cifar_exp import budget, models
 
@@ -221,3 +222,38 @@ def test_a_network_outside_its_budget_stops_before_loading_data(overrides, expec
     assert expected in output
     assert "Traceback" not in output and "/nonexistent" not in output
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def sweep_jobs(experiment: str) -> list[list[str]]:
+    """The overrides of each job a `-m experiment=<name>` run launches (one list if no sweep)."""
+    preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    params = OmegaConf.select(preset, "hydra.sweeper.params") or {}
+    jobs = [[f"experiment={experiment}"]]
+    for key, values in params.items():
+        jobs = [job + [f"{key}={value}"] for job in jobs for value in values.split(",")]
+    return jobs
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_job_builds_a_network_within_the_budget(experiment):
+    for job in sweep_jobs(experiment):
+        cfg = compose_train(*job)
+        model = models.build(cfg.model)
+        budget.check(
+            budget.count_parameters(model),
+            budget.receptive_field(model),
+            cfg.model.max_params,
+            cfg.model.min_rf,
+        )
+
+
+def test_seed_preset_is_the_seed_recipe_and_fast_preset_is_shorter():
+    seed, fast = compose_train("experiment=s9_seed"), compose_train("experiment=s9_fast")
+    assert OmegaConf.to_container(seed) == OmegaConf.to_container(compose_train())
+    assert fast.scheduler.lr_scheduler._target_.endswith("OneCycleLR")
+    assert fast.scheduler.interval == "step"
+    assert fast.trainer.epochs < seed.trainer.epochs == 50
+    assert len(sweep_jobs("transition_comparison")) == 4
