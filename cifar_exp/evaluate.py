@@ -9,10 +9,9 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cifar_exp import augment, data
+from cifar_exp import augment, data, models
 from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.runner import evaluate, prepare_model, resolve_compute, resolve_device
 
@@ -30,19 +29,22 @@ def load_checkpoint(path: Path) -> dict:
         ) from err
 
 
-def score(cfg: DictConfig) -> dict:
-    """Accuracy of the checkpoint's model on the test split, overall and per class."""
-    ckpt_path = Path(cfg.ckpt).expanduser()
-    checkpoint = load_checkpoint(ckpt_path)
-    model = instantiate(checkpoint["config"]["model"])
+def predict(
+    checkpoint: dict, data_cfg: DictConfig, device_name: str = "auto"
+) -> tuple[data.ImageSet, float, torch.Tensor, torch.Tensor]:
+    """Run the checkpoint's model over the test split of `data_cfg`.
+
+    Returns the test images, the mean loss, and the predicted and true class of every image.
+    """
+    model = models.build(checkpoint["config"]["model"])
     model.load_state_dict(checkpoint["model"])
     # The training run's precision and layout, so its test accuracy is reproduced exactly.
     trainer = checkpoint["config"]["trainer"]
     compute = resolve_compute(
-        resolve_device(cfg.device), trainer["precision"], trainer["channels_last"], compile=False
+        resolve_device(device_name), trainer["precision"], trainer["channels_last"], compile=False
     )
 
-    test_set = data.load(cfg.data, "test")
+    test_set = data.load(data_cfg, "test")
     trained_classes = tuple(checkpoint["classes"])
     if test_set.classes != trained_classes:
         raise UserError(
@@ -50,14 +52,22 @@ def score(cfg: DictConfig) -> dict:
         )
     loader = data.make_loader(
         test_set,
-        augment.BatchAugment(cfg.data.mean, cfg.data.std),
-        batch_size=cfg.data.batch_size,
+        augment.BatchAugment(data_cfg.mean, data_cfg.std),
+        batch_size=data_cfg.batch_size,
         shuffle=False,
-        num_workers=cfg.data.num_workers,
+        num_workers=data_cfg.num_workers,
         seed=0,
         device=compute.device,
     )
     loss, predictions, targets = evaluate(prepare_model(model, compute), loader, compute)
+    return test_set, loss, predictions, targets
+
+
+def score(cfg: DictConfig) -> dict:
+    """Accuracy of the checkpoint's model on the test split, overall and per class."""
+    ckpt_path = Path(cfg.ckpt).expanduser()
+    checkpoint = load_checkpoint(ckpt_path)
+    test_set, loss, predictions, targets = predict(checkpoint, cfg.data, cfg.device)
     correct = predictions == targets
     per_class = {
         name: correct[targets == i].float().mean().item() for i, name in enumerate(test_set.classes)

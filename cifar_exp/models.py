@@ -1,38 +1,56 @@
 """Convolutional networks described as a list of blocks, so that a variant is a YAML file.
 
-A block is a few 3x3 convolutions (each Conv -> activation -> norm -> dropout, the seed's order)
-followed by a transition convolution with no activation, which changes resolution and width.
+A block is a few 3x3 convolutions (each conv -> activation -> norm -> dropout, the seed's order)
+followed by a transition with no activation, which changes resolution and width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from hydra.utils import instantiate
 from torch import Tensor, nn
 
-NORMS = ("batch", "group", "layer", "instance", "none")
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+# The geometry of each transition type. A model's or a block's `transition` mapping changes
+# it for one type by naming the type, e.g. {dilated: {padding: 2}}.
+TRANSITIONS: dict[str, dict[str, int]] = {
+    # the seed's: a strided, dilated 3x3 convolution
+    "dilated": {"kernel_size": 3, "stride": 2, "dilation": 2, "padding": 1},
+    "strided": {"kernel_size": 3, "stride": 2, "dilation": 1, "padding": 1},
+    # no stride and no padding: the map shrinks by 2 * dilation
+    "dilated_nostride": {"kernel_size": 3, "stride": 1, "dilation": 2, "padding": 0},
+    # max-pooling (this geometry), then a 1x1 convolution to the new width
+    "maxpool": {"kernel_size": 2, "stride": 2},
+    # a plain 3x3 convolution that keeps the map size: the seed's last block, which only widens
+    "conv": {"kernel_size": 3, "stride": 1, "dilation": 1, "padding": 1},
+}
+
+BLOCK_KEYS = {"convs", "transition", "dropout", "separable"}
+CONV_KEYS = {"channels", "separable"}
+TRANSITION_KEYS = {"channels", "type", *TRANSITIONS}
+
+# Keys of a `model` config that are limits checked by the trainer, not network arguments.
+BUDGET_KEYS = ("max_params", "min_rf")
 
 
-def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
-    """The normalisation layer for `channels` feature maps."""
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(groups, channels)
-    if kind == "layer":  # layer norm over a conv map is the usual GroupNorm with one group
-        return nn.GroupNorm(1, channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with the channel count first, like the other norm layers' constructors."""
+    return nn.GroupNorm(groups, channels)
 
 
 def conv_unit(
-    in_ch: int, out_ch: int, *, separable: bool, norm: str, groups: int, dropout: float
+    in_ch: int,
+    out_ch: int,
+    *,
+    separable: bool,
+    norm: Callable[[int], nn.Module],
+    activation: str,
+    dropout: float,
 ) -> nn.Sequential:
-    """A padded 3x3 convolution (or depthwise 3x3 + pointwise 1x1), ReLU, norm and dropout."""
+    """A padded 3x3 convolution (or depthwise 3x3 + pointwise 1x1), activation, norm, dropout."""
     if separable:
         conv = [
             nn.Conv2d(in_ch, in_ch, 3, padding=1, groups=in_ch),
@@ -40,10 +58,36 @@ def conv_unit(
         ]
     else:
         conv = [nn.Conv2d(in_ch, out_ch, 3, padding=1)]
-    layers = [*conv, nn.ReLU(), make_norm(norm, out_ch, groups)]
+    layers = [*conv, ACTIVATIONS[activation](), norm(out_ch)]
     if dropout > 0:
         layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
+
+
+def transition_layer(
+    in_ch: int, spec: Mapping[str, Any], model_transition: Mapping[str, Any]
+) -> nn.Module:
+    """The block's transition: its own type or the model's, with the type's geometry updated
+    first by the model's and then by the block's settings for that type."""
+    kind = spec.get("type") or model_transition["type"]
+    if kind not in TRANSITIONS:
+        raise ValueError(f"unknown transition {kind!r}; choose one of {', '.join(TRANSITIONS)}")
+    geometry = {
+        **TRANSITIONS[kind],
+        **model_transition.get(kind, {}),
+        **spec.get(kind, {}),
+    }
+    out_ch = spec["channels"]
+    if kind == "maxpool":
+        return nn.Sequential(nn.MaxPool2d(**geometry), nn.Conv2d(in_ch, out_ch, 1))
+    return nn.Conv2d(in_ch, out_ch, **geometry)
+
+
+def check_keys(where: str, spec: Mapping[str, Any], allowed: set[str]) -> None:
+    """Refuse misspelt keys in a block description, which would otherwise be ignored."""
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
 
 
 class ConvNet(nn.Module):
@@ -52,7 +96,12 @@ class ConvNet(nn.Module):
     Each entry of `blocks` is a mapping with
       convs: channels of each convolution; an entry may be a mapping
              {channels: C, separable: true} for a depthwise-separable one;
-      transition: {channels, stride, dilation, padding} of the 3x3 transition convolution.
+      transition: {channels: C} and optionally `type` (one of TRANSITIONS; default the
+             model's `transition.type`) and per-type geometry, e.g. {dilated: {padding: 2}};
+      dropout: this block's rate, in place of the model's (0 leaves the module out);
+      separable: the default for the block's convolutions.
+    `norm` makes the norm layer for a number of channels (conf/model/norm/<option>.yaml);
+    `transition` is {type: <default type>} plus optional per-type geometry for every block.
     """
 
     def __init__(
@@ -60,48 +109,48 @@ class ConvNet(nn.Module):
         blocks: Sequence[Mapping[str, Any]],
         in_channels: int = 3,
         num_classes: int = 10,
-        norm: str = "batch",
-        norm_groups: int = 8,
+        norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        activation: str = "relu",
         dropout: float = 0.0,
+        transition: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        model_transition = {"type": "dilated", **(transition or {})}
+        check_keys("model.transition", model_transition, {"type", *TRANSITIONS})
         stages: list[nn.Module] = []
         ch = in_channels
-        for block in blocks:
+        for i, block in enumerate(blocks):
+            check_keys(f"model.blocks[{i}]", block, BLOCK_KEYS)
             for spec in block["convs"]:
-                out, separable = (
-                    (spec["channels"], bool(spec.get("separable", False)))
-                    if isinstance(spec, Mapping)
-                    else (int(spec), False)
-                )
+                if not isinstance(spec, Mapping):
+                    spec = {"channels": int(spec)}
+                check_keys(f"model.blocks[{i}].convs", spec, CONV_KEYS)
                 stages.append(
                     conv_unit(
                         ch,
-                        out,
-                        separable=separable,
+                        spec["channels"],
+                        separable=bool(spec.get("separable", block.get("separable", False))),
                         norm=norm,
-                        groups=norm_groups,
-                        dropout=dropout,
+                        activation=activation,
+                        dropout=block.get("dropout", dropout),
                     )
                 )
-                ch = out
-            t = block["transition"]
-            stages.append(
-                nn.Conv2d(
-                    ch,
-                    t["channels"],
-                    3,
-                    stride=t.get("stride", 1),
-                    dilation=t.get("dilation", 1),
-                    padding=t.get("padding", 1),
-                )
-            )
-            ch = t["channels"]
+                ch = spec["channels"]
+            check_keys(f"model.blocks[{i}].transition", block["transition"], TRANSITION_KEYS)
+            stages.append(transition_layer(ch, block["transition"], model_transition))
+            ch = block["transition"]["channels"]
         self.features = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Conv2d(ch, num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x))).flatten(1)
+
+
+def build(model_cfg: Mapping[str, Any]) -> nn.Module:
+    """The network a `model` config describes (its budget keys are limits, not arguments)."""
+    return instantiate({k: v for k, v in model_cfg.items() if k not in BUDGET_KEYS})

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(history: Sequence[dict], path: Path) -> Path:
@@ -23,6 +24,44 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(histories: dict[str, Sequence[dict]], path: Path) -> Path:
+    """Test accuracy and test loss per epoch, one line per run, on shared axes."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, history in histories.items():
+        epochs = [m["epoch"] for m in history]
+        ax_acc.plot(epochs, [100 * m["test_acc"] for m in history], marker="o", label=label)
+        ax_loss.plot(epochs, [m["test_loss"] for m in history], marker="o", label=label)
+    ax_acc.set(title="Test accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    ax_loss.set(title="Test loss", xlabel="epoch", ylabel="cross-entropy")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_image_grid(
+    images: Sequence, captions: Sequence[str], title: str, path: Path, columns: int = 5
+) -> Path:
+    """uint8 HWC images in a grid, each with its caption underneath."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.3 * rows + 0.5), squeeze=False)
+    for ax in axes.flat[len(images) :]:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(image, interpolation="nearest")
+        ax.set(xticks=[], yticks=[])
+        ax.set_xlabel(caption, fontsize=9)  # a label, unlike free text, gets room in the layout
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -13,13 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 
-def start_run(logger_cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Any:
-    """Start the W&B run of this Hydra job (offline, online or disabled, as configured).
-
-    It is named by the job's overrides and, in a multirun, grouped by the sweep. W&B's cache,
-    data, artifact staging and settings folders go under run_dir/wandb, not the home folder.
-    """
-    wandb_dir = run_dir / "wandb"
+def keep_files_in(folder: Path) -> None:
+    """Send W&B's cache, data, artifact staging and settings folders to folder/wandb."""
+    wandb_dir = folder / "wandb"
     for variable, sub in (
         ("WANDB_CACHE_DIR", "cache"),
         ("WANDB_DATA_DIR", "data"),
@@ -29,6 +25,14 @@ def start_run(logger_cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> 
         os.environ[variable] = str(wandb_dir / sub)
     wandb_dir.mkdir(parents=True, exist_ok=True)
 
+
+def start_run(logger_cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Any:
+    """Start the W&B run of this Hydra job (offline, online or disabled, as configured).
+
+    It is named by the job's overrides and, in a multirun, grouped by the sweep. W&B's cache,
+    data, artifact staging and settings folders go under run_dir/wandb, not the home folder.
+    """
+    keep_files_in(run_dir)
     hydra_cfg = HydraConfig.get()
     name = logger_cfg.get("name") or hydra_cfg.job.override_dirname or None
     group = logger_cfg.get("group")

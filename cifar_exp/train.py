@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cifar_exp import augment, data, plots, tracking
+from cifar_exp import augment, budget, data, models, plots, tracking
 from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.runner import (
     EPOCH_METRICS,
@@ -29,6 +29,10 @@ from cifar_exp.runner import (
 )
 
 log = logging.getLogger(__name__)
+
+# Sweep subfolders are named by their overrides; "/" in a group override (model/norm=group)
+# would nest folders.
+OmegaConf.register_new_resolver("path_safe", lambda text: text.replace("/", "-"), replace=True)
 
 
 def call_factory(key: str, factory: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -58,6 +62,8 @@ class Training:
     compute: Compute
     classes: tuple[str, ...]
     sizes: tuple[int, int]  # training and test images
+    num_params: int
+    receptive_field: int
 
 
 def build(cfg: DictConfig) -> Training:
@@ -76,7 +82,10 @@ def build(cfg: DictConfig) -> Training:
     )
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
-    model = instantiate(cfg.model)
+    model = models.build(cfg.model)
+    num_params, rf = budget.count_parameters(model), budget.receptive_field(model)
+    log.info("Model: %s parameters, receptive field %d pixels", f"{num_params:,}", rf)
+    budget.check(num_params, rf, cfg.model.get("max_params"), cfg.model.get("min_rf"))
     optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
 
     train_set, test_set = data.load(cfg.data, "train"), data.load(cfg.data, "test")
@@ -95,8 +104,9 @@ def build(cfg: DictConfig) -> Training:
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
     sizes = (len(train_set.labels), len(test_set.labels))
     return Training(
-        model, optimizer, scheduler, train_loader, test_loader, compute, train_set.classes, sizes
-    )
+        model, optimizer, scheduler, train_loader, test_loader, compute, train_set.classes, sizes,
+        num_params, rf,
+    )  # fmt: skip
 
 
 def train(cfg: DictConfig) -> float:
@@ -107,7 +117,6 @@ def train(cfg: DictConfig) -> float:
     model = setup.model
 
     model_summary = str(torchinfo.summary(model, input_size=(1, 3, 32, 32), verbose=0))
-    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("Model:\n%s", model_summary)
     log.info(
         "%s; %d training and %d test images; run folder %s",
@@ -121,7 +130,7 @@ def train(cfg: DictConfig) -> float:
     config = OmegaConf.to_container(cfg, resolve=True)
     # The W&B run ends when the block does, marked failed if it raised.
     with tracking.start_run(cfg.logger, run_dir, config) as run:
-        run.summary["params"] = num_params
+        run.summary.update({"params": setup.num_params, "receptive_field": setup.receptive_field})
         history = fit(
             model,
             setup.optimizer,
@@ -140,7 +149,8 @@ def train(cfg: DictConfig) -> float:
         )
         best = max(history, key=lambda m: m["test_acc"])
         results = {
-            "params": num_params,
+            "params": setup.num_params,
+            "receptive_field": setup.receptive_field,
             "best_test_acc": best["test_acc"],
             "best_epoch": best["epoch"],
             "final_test_acc": history[-1]["test_acc"],

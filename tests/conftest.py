@@ -53,6 +53,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("decode-cache")
 
 
+def compose_train(*overrides: str) -> DictConfig:
+    """The training config with these overrides, as the command line would compose it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
 def run_cli(
     module: str, *overrides: str, check: bool = True, env: dict | None = None
 ) -> subprocess.CompletedProcess:
@@ -97,12 +103,6 @@ def wandb_records(run_dir: Path) -> list[dict]:
         timeout=120,
     ).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def compose_train(*overrides: str) -> DictConfig:
-    """conf/train.yaml with overrides, through Hydra's compose API."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def augment_batch(transform, images: np.ndarray, seed: int = 0) -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_bench_refuses_an_unknown_variant():
 def test_every_speed_option_trains_on_the_cpu(options):
     compute = resolve_compute(torch.device("cpu"), **options)
     torch.manual_seed(0)
-    model = ConvNet([{"convs": [8], "transition": {"channels": 16, "stride": 2, "padding": 1}}])
+    model = ConvNet([{"convs": [8], "transition": {"channels": 16, "type": "strided"}}])
     forward = prepare_model(model, compute)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     images, labels = torch.randn(64, 3, 32, 32), torch.arange(64) % 10

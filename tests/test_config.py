@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cifar_exp import models
 from cifar_exp.train import build_scheduler, call_factory
 
 
@@ -26,7 +27,10 @@ def test_every_group_has_the_options_users_rely_on():
 
 def test_defaults_are_the_seed_recipe():
     cfg = compose_train()
-    assert cfg.model._target_ == "cifar_exp.models.ConvNet" and cfg.model.norm == "batch"
+    assert (
+        cfg.model._target_ == "cifar_exp.models.ConvNet"
+        and cfg.model.norm._target_ == "torch.nn.BatchNorm2d"
+    )
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum > 0
     assert cfg.scheduler.lr_scheduler._target_.endswith("StepLR")
     assert cfg.scheduler.lr_scheduler.step_size == 23
@@ -41,7 +45,7 @@ def test_defaults_are_the_seed_recipe():
 
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options_build(name):
-    model = instantiate(compose_train(f"model={name}").model)
+    model = models.build(compose_train(f"model={name}").model)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 

@@ -13,7 +13,7 @@ from cifar_exp.models import ConvNet
 from cifar_exp.runner import EPOCH_METRICS, Compute, fit, resolve_device, seed_everything
 
 CPU = Compute(torch.device("cpu"))
-BLOCKS = [{"convs": [8], "transition": {"channels": 16, "stride": 2, "padding": 1}}]
+BLOCKS = [{"convs": [8], "transition": {"channels": 16, "type": "strided"}}]
 
 
 class RecordingTracker:

@@ -70,13 +70,15 @@ def test_wandb_offline_run_reads_back_with_the_logged_metrics(smoke_run):
 
     (run,) = [r["run"] for r in records if r["type"] == "run"]
     config = run["config"]["update"]
-    assert config["trainer"]["epochs"] == 2 and config["model"]["norm"] == "batch"
+    assert config["trainer"]["epochs"] == 2 and config["model"]["norm"]["_target_"].endswith(
+        "BatchNorm2d"
+    )
 
     summary = {}
     for r in records:
         if r["type"] == "summary":
             summary.update(r["summary"]["update"])
-    assert summary["params"] == 180_298
+    assert summary["params"] == 180_298 and summary["receptive_field"] == 105
     assert summary["best_test_acc"] == pytest.approx(max(m["test_acc"] for m in metrics))
     assert summary["final_test_acc"] == pytest.approx(metrics[-1]["test_acc"])
 

@@ -1,0 +1,78 @@
+"""What a built network costs and sees: its parameters and receptive field, and the limits on both.
+
+Both are read from the modules themselves, so any network the config builds is measured the same
+way, whatever its YAML says.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cifar_exp.errors import UserError
+
+# Layers that move the receptive field: everything else (norms, activations, dropout) keeps it.
+SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def first(value: int | tuple[int, ...]) -> int:
+    """The height entry of a kernel/stride/dilation (the networks here are square)."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def spatial_layers(model: nn.Module, image_size: int = 32) -> list[nn.Module]:
+    """The convolutions and pools in the order a forward pass runs them, up to global pooling."""
+    order: list[nn.Module] = []
+    hooks = [
+        m.register_forward_hook(lambda module, _inputs, _output: order.append(module))
+        for m in model.modules()
+        if isinstance(m, SPATIAL + GLOBAL_POOLS)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        param = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=param.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    global_at = next((i for i, m in enumerate(order) if isinstance(m, GLOBAL_POOLS)), len(order))
+    return order[:global_at]
+
+
+def receptive_field(model: nn.Module, image_size: int = 32) -> int:
+    """Side in input pixels of the region one unit of the last map before global pooling sees.
+
+    Each layer widens it by (effective kernel - 1) times the product of the strides before it,
+    where a dilated kernel's effective size is dilation * (kernel - 1) + 1. Padding and the
+    image's edges are not counted, so it may exceed the image.
+    """
+    field, jump = 1, 1
+    for layer in spatial_layers(model, image_size):
+        kernel, stride = first(layer.kernel_size), first(layer.stride)
+        dilation = first(getattr(layer, "dilation", 1))  # AvgPool2d has none
+        field += dilation * (kernel - 1) * jump
+        jump *= stride
+    return field
+
+
+def check(num_params: int, rf: int, max_params: int | None, min_rf: int | None) -> None:
+    """Refuse a network over the parameter budget or under the required receptive field."""
+    problems = []
+    if max_params is not None and num_params > max_params:
+        problems.append(f"{num_params:,} parameters, over model.max_params={max_params:,}")
+    if min_rf is not None and rf < min_rf:
+        problems.append(f"receptive field {rf} pixels, under model.min_rf={min_rf}")
+    if problems:
+        raise UserError(
+            "The network is outside its budget: "
+            + "; ".join(problems)
+            + ". Change the model, or the limits (model.max_params=N model.min_rf=N)."
+        )

@@ -1,0 +1,246 @@
+"""`python -m cifar_exp.report <sweep or run folders...>`: compare finished runs at a glance.
+
+Reads every run's metrics.jsonl and .hydra/ config (a run folder is one holding both; a sweep
+folder holds run folders) and writes, into the output folder:
+  report.md   one row per run: the overrides that define it, parameters, receptive field,
+              best and final test accuracy, epochs, mean epoch time; then the figures;
+  report.png  test accuracy and test loss per epoch, all runs on shared axes;
+and into each run folder misclassified.png, test images its best checkpoint gets wrong.
+The output folder is the one folder given, the common parent of several, or --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_exp import budget, data, evaluate, models, plots, tracking
+from cifar_exp.errors import UserError, exit_on_user_error
+
+log = logging.getLogger("cifar_exp.report")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: DictConfig
+    overrides: list[str]  # the command-line and sweep overrides that define the run
+    metrics: list[dict]
+    label: str = ""  # the overrides that tell it apart from the other runs
+    grid: Path | None = None  # its misclassified.png, once drawn
+
+
+@dataclass
+class Comparison:
+    runs: list[Run]
+    common: list[str] = field(default_factory=list)  # overrides every run shares
+
+
+def defining_overrides(run_dir: Path) -> list[str]:
+    """The run's overrides, less those that only say where the data is or how it is shown
+    (the keys train.yaml leaves out of run names)."""
+    overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+    hydra_cfg = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded)
+
+
+def load_run(run_dir: Path) -> Run | None:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines if line.strip()]
+    if not metrics:
+        log.warning("Skipping %s: no finished epoch in metrics.jsonl", run_dir)
+        return None
+    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    return Run(run_dir, config, defining_overrides(run_dir), metrics)
+
+
+def job_number(run_dir: Path) -> int:
+    return int(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.get("num") or 0)
+
+
+def find_runs(folders: Sequence[Path]) -> Comparison:
+    """Every run in the folders, sweep jobs in launch order; overrides split into shared ones
+    and each run's own."""
+    runs: list[Run] = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder")
+        run_dirs = sorted(
+            (p.parent for p in folder.rglob("metrics.jsonl") if (p.parent / ".hydra").is_dir()),
+            key=lambda p: (p.parent, job_number(p), p.name),
+        )
+        if not run_dirs:
+            raise UserError(
+                f"No runs in {folder}: a run folder holds metrics.jsonl and .hydra/ "
+                "(python -m cifar_exp.train writes both)"
+            )
+        runs += [run for run in map(load_run, run_dirs) if run is not None]
+    if not runs:
+        raise UserError(f"No run in {', '.join(map(str, folders))} has finished an epoch")
+
+    shared = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
+    for run in runs:
+        own = [o for o in run.overrides if o not in shared]
+        run.label = " ".join(own) or run.path.name
+    return Comparison(runs, sorted(shared))
+
+
+def summarize(run: Run) -> dict[str, Any]:
+    """The table row of a run; parameters and receptive field are measured on its network."""
+    network = models.build(run.config.model)
+    best = max(run.metrics, key=lambda m: m["test_acc"])
+    return {
+        "run": run.label,
+        "params": budget.count_parameters(network),
+        "receptive_field": budget.receptive_field(network),
+        "best_test_acc": best["test_acc"],
+        "best_epoch": best["epoch"],
+        "final_test_acc": run.metrics[-1]["test_acc"],
+        "epochs": len(run.metrics),
+        "mean_epoch_seconds": sum(m["epoch_seconds"] for m in run.metrics) / len(run.metrics),
+    }
+
+
+def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> Path | None:
+    """Score `eval_images` test images (a fixed, class-balanced subset of the run's test set)
+    with the run's best checkpoint and draw `images` of those it gets wrong, a few per class."""
+    ckpt = run.path / "checkpoints" / "best.pt"
+    if not ckpt.is_file():
+        log.warning("No misclassified images for %s: %s is missing", run.path, ckpt)
+        return None
+    checkpoint = evaluate.load_checkpoint(ckpt)
+    data_cfg = run.config.data.copy()
+    limit = data_cfg.limit_test
+    data_cfg.limit_test = eval_images if limit is None else min(limit, eval_images)
+    test_set, _, predictions, targets = evaluate.predict(checkpoint, data_cfg, device)
+    all_wrong = (predictions != targets).nonzero().flatten().numpy()
+    # Balanced over the true classes: folder-format test sets list the images class by class.
+    wrong = all_wrong[data.balanced_subset(targets[all_wrong].numpy(), images)].tolist()
+    names = test_set.classes
+    captions = [f"true: {names[targets[i]]}\npred: {names[predictions[i]]}" for i in wrong]
+    accuracy = (predictions == targets).float().mean().item()
+    title = (
+        f"{run.label}: {len(wrong)} of the {len(all_wrong)} misclassified among "
+        f"{len(targets)} test images (accuracy {100 * accuracy:.1f}%, epoch {checkpoint['epoch']})"
+    )
+    return plots.plot_image_grid(
+        test_set.images[wrong], captions, title, run.path / "misclassified.png"
+    )
+
+
+def markdown(comparison: Comparison, rows: list[dict], out: Path) -> str:
+    def link(path: Path) -> str:
+        return Path(os.path.relpath(path, out)).as_posix()
+
+    lines = [
+        "# Run comparison",
+        "",
+        f"{len(rows)} runs. Overrides common to all: "
+        + (" ".join(f"`{o}`" for o in comparison.common) or "none"),
+        "",
+        "| run | overrides | params | RF | best test acc | final test acc | epochs "
+        "| mean epoch (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, (run, row) in enumerate(zip(comparison.runs, rows, strict=True)):
+        lines.append(
+            f"| [{i}]({link(run.path)}) | {row['run']} | {row['params']:,} "
+            f"| {row['receptive_field']} "
+            f"| {100 * row['best_test_acc']:.2f}% (epoch {row['best_epoch']}) "
+            f"| {100 * row['final_test_acc']:.2f}% | {row['epochs']} "
+            f"| {row['mean_epoch_seconds']:.1f} |"
+        )
+    lines += ["", "![test accuracy and loss per epoch](report.png)", ""]
+    for i, run in enumerate(comparison.runs):
+        if run.grid:
+            lines += [f"## {i}: {run.label}", "", f"![misclassified]({link(run.grid)})", ""]
+    return "\n".join(lines)
+
+
+def log_to_wandb(rows: list[dict], curves: Path, out: Path, mode: str, project: str) -> None:
+    """The table and the curves as one W&B run of job type `report`, its files under out/."""
+    import wandb  # only when asked for: it is slow to import
+
+    tracking.keep_files_in(out)
+    run = wandb.init(project=project, job_type="report", dir=str(out), mode=mode, name=out.name)
+    columns = list(rows[0])
+    run.log(
+        {
+            "runs": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+            "curves": wandb.Image(str(curves)),
+        }
+    )
+    run.finish()
+
+
+def report(args: argparse.Namespace) -> Path:
+    folders = [Path(f).expanduser().resolve() for f in args.folders]
+    comparison = find_runs(folders)
+    out = (
+        Path(args.out).resolve()
+        if args.out
+        else Path(os.path.commonpath(folders))
+        if len(folders) > 1
+        else folders[0]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [summarize(run) for run in comparison.runs]
+    # The grids may fail (data gone); draw them before report.md, so it never links a missing one.
+    if args.images > 0:
+        for run in comparison.runs:
+            run.grid = draw_misclassified(run, args.images, args.eval_images, args.device)
+    curves = plots.plot_comparison(
+        {run.label: run.metrics for run in comparison.runs}, out / "report.png"
+    )
+    (out / "report.md").write_text(markdown(comparison, rows, out) + "\n")
+    if args.wandb != "off":
+        log_to_wandb(rows, curves, out, args.wandb, args.project)
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m cifar_exp.report",
+        description="Compare training runs: a table (report.md), test curves (report.png) and "
+        "misclassified test images per run (misclassified.png in each run folder).",
+    )
+    parser.add_argument("folders", nargs="+", help="run folders, or sweep folders holding runs")
+    parser.add_argument(
+        "--out", help="where report.md and report.png go (default: the folder given, or the "
+        "common parent of several)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--images", type=int, default=20, help="misclassified images per run (0: no grids)"
+    )
+    parser.add_argument(
+        "--eval-images", type=int, default=500,
+        help="test images re-scored per run to find them (a fixed subset of the run's test set)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    parser.add_argument(
+        "--wandb", choices=("off", "offline", "online"), default="off",
+        help="also log the table and curves to a W&B run",
+    )  # fmt: skip
+    parser.add_argument("--project", default="cifar-exp", help="the W&B project")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    with exit_on_user_error():
+        out = report(args)
+    log.info("Report: %s", out / "report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""A comparison end to end: the norm sweep on real images, then the report on its folder."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import CONF, compose_train, data_overrides, read_metrics, run_cli, wandb_records
+from omegaconf import OmegaConf
+
+PNG = b"\x89PNG\r\n\x1a\n"
+NORMS = ["batch", "group", "layer"]
+
+
+@pytest.fixture(scope="module")
+def sweep(cifar_root, cache_dir, tmp_path_factory):
+    """experiment=norm_comparison for one epoch on 300 training and 200 test images."""
+    sweep_dir = tmp_path_factory.mktemp("norm-sweep") / "sweep"
+    run_cli(
+        "train",
+        "-m",
+        "experiment=norm_comparison",
+        *data_overrides(cifar_root, cache_dir, train=300, test=200),
+        "trainer.epochs=1",
+        "logger=none",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def report(sweep):
+    run_cli("report", str(sweep), "--images", "8", "--wandb", "offline")
+    return sweep
+
+
+def table_rows(report_md: str) -> list[list[str]]:
+    """The cells of every data row of the markdown table."""
+    lines = [line for line in report_md.splitlines() if re.match(r"\| \[\d+\]", line)]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_norm_comparison_preset_sweeps_three_norms():
+    preset = OmegaConf.load(CONF / "experiment" / "norm_comparison.yaml")
+    assert preset.hydra.sweeper.params == {"model/norm": ",".join(NORMS)}
+    cfg = compose_train("experiment=norm_comparison")  # the seed recipe otherwise
+    assert cfg.trainer.epochs == 50 and cfg.scheduler.lr_scheduler.step_size == 23
+
+
+def test_sweep_runs_one_folder_per_norm(sweep):
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [r.name.split("_", 1)[0] for r in runs] == ["0", "1", "2"]
+    for run, norm in zip(runs, NORMS, strict=True):
+        assert run.name.endswith(f"model-norm={norm},trainer.epochs=1")  # no nested folders
+        assert len(read_metrics(run)) == 1
+
+
+def test_report_has_one_row_per_run_with_its_numbers(report):
+    rows = table_rows((report / "report.md").read_text())
+    assert [row[1] for row in rows] == [f"model/norm={norm}" for norm in NORMS]
+    runs = sorted(p for p in report.iterdir() if p.is_dir() and p.name != "wandb")
+    for row, run in zip(rows, runs, strict=True):
+        (metrics,) = read_metrics(run)
+        assert row[2:4] == ["180,298", "105"]  # parameters, receptive field
+        assert row[4] == f"{100 * metrics['test_acc']:.2f}% (epoch 1)"
+        assert row[5] == f"{100 * metrics['test_acc']:.2f}%"
+        assert row[6] == "1"
+        assert float(row[7]) == pytest.approx(metrics["epoch_seconds"], abs=0.05)
+    common = next(
+        line for line in (report / "report.md").read_text().splitlines() if "common" in line
+    )
+    assert "`experiment=norm_comparison`" in common and "`data.limit_train=300`" in common
+
+
+def test_report_writes_the_curves_and_a_grid_per_run(report):
+    assert (report / "report.png").read_bytes()[:8] == PNG
+    runs = sorted(p for p in report.iterdir() if p.is_dir() and p.name != "wandb")
+    grids = [run / "misclassified.png" for run in runs]
+    assert all(grid.read_bytes()[:8] == PNG for grid in grids)
+    text = (report / "report.md").read_text()
+    assert all(f"]({grid.parent.name}/misclassified.png)" in text for grid in grids)
+
+
+def test_report_logs_the_table_to_wandb(report):
+    records = wandb_records(report)
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    tables = [h for h in history if h.get("runs._type") == "table-file"]
+    assert len(tables) == 1 and tables[0]["runs.nrows"] == 3
+
+
+def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("report", str(tmp_path / "empty"), check=False)
+    assert proc.returncode == 2
+    assert f"No runs in {tmp_path / 'empty'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "empty" / "report.md").exists()
