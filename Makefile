@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train test lint format clean
+.PHONY: install train bench test lint format clean
 
 install: $(INSTALLED)
 
@@ -17,6 +17,10 @@ $(INSTALLED): pyproject.toml
 # make train ARGS="optimizer=adamw scheduler=onecycle trainer.epochs=20"
 train: $(INSTALLED)
 	$(PY) -m cifar_exp.train $(ARGS)
+
+# make bench ARGS="--repeats 3 data.limit_train=10000"  (CIFAR_DATA=<folder tree> for the copy)
+bench: $(INSTALLED)
+	$(PY) -m cifar_exp.bench $(ARGS)
 
 # make test ARGS="-k data"  (CIFAR_DATA=<unpacked folder tree> skips unpacking ../shared/data)
 test: $(INSTALLED) lint
