@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from cifar_exp import checkpoint, data, interrupt
+from cifar_exp.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +55,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def check_finite(loss: float, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"the training loss became {loss} at epoch {epoch}, step {step}: training diverged. "
+            "checkpoints/last.pt still holds the last good epoch; lower optimizer.lr "
+            "or change the scheduler and start again"
+        )
 
 
 @torch.no_grad()
@@ -91,6 +96,9 @@ def fit(
     scheduler_monitor: str | None = None,
     checkpoint_extra: dict | None = None,
     progress: bool = True,
+    start_epoch: int = 1,
+    best_test_acc: float = -1.0,
+    seed: int | None = None,
 ) -> list[dict]:
     """Train for `epochs`, testing after each; returns the per-epoch metrics.
 
@@ -98,33 +106,43 @@ def fit(
     (a W&B run) and writes checkpoints/last.pt, and checkpoints/best.pt when test accuracy
     improves. The scheduler steps after every batch (interval "step") or every epoch, given
     the monitored metric if it has one (ReduceLROnPlateau).
+
+    A resumed run starts at `start_epoch` with the checkpoint's `best_test_acc`. With a
+    `seed`, each epoch's shuffle and augmentation depend on (seed, epoch) only, so a resumed
+    run repeats them exactly. A NaN or infinite loss raises TrainingDiverged before its step
+    is applied; a stop signal (see `interrupt`) raises Interrupted after a finished step.
     """
     model.to(device)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = run_dir / "metrics.jsonl"
     history: list[dict] = []
-    best_acc = -1.0
-    for epoch in range(1, epochs + 1):
+    best_acc = best_test_acc
+    for epoch in range(start_epoch, epochs + 1):
+        if seed is not None:
+            data.seed_epoch(train_loader, seed, epoch)
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
 
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
-        for images, labels in bar:
+        for step, (images, labels) in enumerate(bar, 1):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
+            loss_value = loss.item()
+            check_finite(loss_value, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler_interval == "step":
                 scheduler.step()
-            loss_sum += loss.item() * len(labels)
+            loss_sum += loss_value * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            interrupt.raise_if_requested(epoch, step)
         train_seconds = time.perf_counter() - start
 
         test_loss, predictions, targets = evaluate(model, test_loader, device)
@@ -160,17 +178,12 @@ def fit(
             metrics["epoch_seconds"],
         )
 
-        checkpoint = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "metrics": metrics,
-            "best_test_acc": max(best_acc, metrics["test_acc"]),
-            **(checkpoint_extra or {}),
-        }
-        save_atomic(checkpoint, run_dir / "checkpoints" / "last.pt")
+        state = checkpoint.capture(
+            model, optimizer, scheduler, epoch=epoch, metrics=metrics,
+            best_test_acc=max(best_acc, metrics["test_acc"]), **(checkpoint_extra or {}),
+        )  # fmt: skip
+        checkpoint.save(state, run_dir / "checkpoints" / "last.pt")
         if metrics["test_acc"] > best_acc:
             best_acc = metrics["test_acc"]
-            save_atomic(checkpoint, run_dir / "checkpoints" / "best.pt")
+            checkpoint.save(state, run_dir / "checkpoints" / "best.pt")
     return history

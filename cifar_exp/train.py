@@ -14,9 +14,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import augment, data, plots, tracking
-from cifar_exp.errors import UserError, exit_on_user_error
+from cifar_exp import augment, checkpoint, data, interrupt, plots, run_folders, tracking
+from cifar_exp.errors import UserError, run_job
 from cifar_exp.runner import EPOCH_METRICS, fit, resolve_device, seed_everything
+from cifar_exp.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,36 @@ def build_scheduler(scheduler_cfg: DictConfig, optimizer: Any, steps_per_epoch: 
     return call_factory("scheduler.lr_scheduler", factory, optimizer, **step_args)
 
 
+def resumed_config(cfg: DictConfig, saved: dict) -> DictConfig:
+    """The resumed run's saved config, with where it runs (data location, device, ...) as given
+    on the command line."""
+    hydra_cfg = HydraConfig.get()
+    given = run_folders.overridden(list(hydra_cfg.overrides.task))
+    resumed = OmegaConf.create(saved)
+    for key in set(run_folders.where_it_runs(hydra_cfg)) & set(given):
+        value = OmegaConf.select(cfg, key, default=None)
+        if not OmegaConf.is_config(value):  # a key, not a group such as debug
+            OmegaConf.update(resumed, key, value, force_add=True)
+    return resumed
+
+
 def train(cfg: DictConfig) -> float:
-    """Build everything the config names, train, and return the best test accuracy."""
+    """Build everything the config names, train, and return the best test accuracy.
+
+    With trainer.resume, continue the run in its own folder from its last checkpoint.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resumed, ckpt_path = None, None
+    if cfg.trainer.resume:
+        ckpt_path = run_folders.checkpoint_path(cfg.trainer.resume, run_dir)
+        resumed = checkpoint.load(ckpt_path)
+        if "step" in resumed:
+            raise checkpoint.CheckpointError(
+                f"trainer.resume={ckpt_path} holds mid-epoch weights saved on a stop signal; "
+                f"resume from the run folder (its checkpoints/last.pt) instead"
+            )
+        cfg = resumed_config(cfg, resumed["config"])
+    validate(cfg)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device)
 
@@ -50,10 +78,23 @@ def train(cfg: DictConfig) -> float:
         )
     model = instantiate(cfg.model)
     optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
+    if resumed:
+        checkpoint.restore_model(resumed, model, ckpt_path)
 
     train_set, test_set = data.load(cfg.data, "train"), data.load(cfg.data, "test")
     if train_set.classes != test_set.classes:
-        raise UserError(f"train and test classes differ: {train_set.classes} vs {test_set.classes}")
+        missing = set(train_set.classes) ^ set(test_set.classes)
+        raise UserError(
+            f"train and test classes differ (only in one split: {', '.join(sorted(missing))}); "
+            "each class needs a folder in both data.root/train and data.root/test"
+        )
+    num_classes = cfg.model.get("num_classes")
+    if num_classes is not None and len(train_set.classes) != num_classes:
+        raise UserError(
+            f"the data has {len(train_set.classes)} classes ({', '.join(train_set.classes)}) "
+            f"but model.num_classes={num_classes}; add the missing class folders or set "
+            "model.num_classes"
+        )
     loader_args = dict(
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
@@ -68,6 +109,11 @@ def train(cfg: DictConfig) -> float:
     )
 
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
+    history, start_epoch, best_test_acc = [], 1, -1.0
+    if resumed:
+        history = checkpoint.rewind_metrics(run_dir / "metrics.jsonl", resumed["epoch"])
+        start_epoch, best_test_acc = resumed["epoch"] + 1, resumed["best_test_acc"]
+        log.info("Resuming %s after epoch %d", run_dir, resumed["epoch"])
 
     model_summary = str(torchinfo.summary(model, input_size=(1, 3, 32, 32), verbose=0))
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -84,23 +130,45 @@ def train(cfg: DictConfig) -> float:
 
     config = OmegaConf.to_container(cfg, resolve=True)
     # The W&B run ends when the block does, marked failed if it raised.
-    with tracking.start_run(cfg.logger, run_dir, config) as run:
+    wandb_id = resumed.get("wandb_run_id") if resumed else None
+    with tracking.start_run(cfg.logger, run_dir, config, run_id=wandb_id) as run:
         run.summary["params"] = num_params
-        history = fit(
-            model,
-            optimizer,
-            scheduler,
-            train_loader,
-            test_loader,
-            epochs=cfg.trainer.epochs,
-            device=device,
-            run_dir=run_dir,
-            tracker=run,
-            scheduler_interval=cfg.scheduler.interval,
-            scheduler_monitor=cfg.scheduler.monitor,
-            checkpoint_extra={"config": config, "classes": list(train_set.classes)},
-            progress=cfg.trainer.progress,
-        )
+        extra = {"config": config, "classes": list(train_set.classes), "wandb_run_id": run.id}
+        if resumed:  # the saved random-number states, last: building the run used others
+            checkpoint.restore_training(resumed, optimizer, scheduler)
+        try:
+            with interrupt.stop_on_signals():
+                history += fit(
+                    model,
+                    optimizer,
+                    scheduler,
+                    train_loader,
+                    test_loader,
+                    epochs=cfg.trainer.epochs,
+                    device=device,
+                    run_dir=run_dir,
+                    tracker=run,
+                    scheduler_interval=cfg.scheduler.interval,
+                    scheduler_monitor=cfg.scheduler.monitor,
+                    checkpoint_extra=extra,
+                    progress=cfg.trainer.progress,
+                    start_epoch=start_epoch,
+                    best_test_acc=best_test_acc,
+                    seed=cfg.seed,
+                )
+        except interrupt.Interrupted as stop:
+            # Mid-epoch weights, for a look; resuming restarts this epoch from last.pt.
+            state = checkpoint.capture(
+                model, optimizer, scheduler, epoch=stop.epoch, step=stop.step,
+                best_test_acc=max([best_test_acc, *(m["test_acc"] for m in history)]), **extra,
+            )  # fmt: skip
+            checkpoint.save(state, run_dir / "checkpoints" / "interrupted.pt")
+            log.warning(
+                "%s. Weights so far: checkpoints/interrupted.pt. Continue with "
+                "trainer.resume=%s (restarts epoch %d)",
+                stop, run_dir, stop.epoch,
+            )  # fmt: skip
+            raise SystemExit(stop.exit_code) from None
         best = max(history, key=lambda m: m["test_acc"])
         results = {
             "params": num_params,
@@ -128,8 +196,7 @@ def train(cfg: DictConfig) -> float:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with exit_on_user_error():
-        return train(cfg)
+    return run_job(train, cfg)
 
 
 if __name__ == "__main__":
