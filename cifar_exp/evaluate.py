@@ -7,33 +7,22 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cifar_exp import augment, data
+from cifar_exp.checkpoint import load
 from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.runner import evaluate, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"ckpt={path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a file that is not a checkpoint
-        raise UserError(
-            f"ckpt={path} is not a checkpoint written by cifar_exp.train: {err}"
-        ) from err
-
-
 def score(cfg: DictConfig) -> dict:
     """Accuracy of the checkpoint's model on the test split, overall and per class."""
     ckpt_path = Path(cfg.ckpt).expanduser()
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load(ckpt_path, option="ckpt")
     model = instantiate(checkpoint["config"]["model"])
     model.load_state_dict(checkpoint["model"])
     device = resolve_device(cfg.device)

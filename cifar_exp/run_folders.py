@@ -7,7 +7,10 @@ second; `trainer.resume` points Hydra at the resumed run's folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import traceback
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -137,11 +140,22 @@ def named_by_user(config: DictConfig, key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
 
 
+@contextlib.contextmanager
+def stop_on_error() -> Iterator[None]:
+    """Hydra turns a callback's exception into a warning and runs on: stop the run instead."""
+    try:
+        with exit_on_user_error():
+            yield
+    except Exception:
+        traceback.print_exc()
+        raise SystemExit(1) from None
+
+
 class RunFolders(Callback):
     """Settle the run (or sweep) folder before Hydra creates it and writes its files."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with exit_on_user_error():
+        with stop_on_error():
             resume = config.trainer.get("resume")
             with read_write(config.hydra), open_dict(config.hydra):
                 if resume:
@@ -155,7 +169,7 @@ class RunFolders(Callback):
                     config.hydra.run.dir = str(claim_folder(Path(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with exit_on_user_error():
+        with stop_on_error():
             if config.trainer.get("resume"):
                 raise UserError(
                     "trainer.resume works on one run at a time: resume each job of a sweep "
