@@ -182,6 +182,7 @@ def reseed_worker_transform(worker_id: int) -> None:
     """Give each worker's copy of the pipeline its own stream, drawn from the loader's seed.
 
     albumentations keeps its own random state, which forked workers would otherwise share.
+    Workers ignore Ctrl-C: the main process stops training after the current step.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     info = get_worker_info()
