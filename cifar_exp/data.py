@@ -12,6 +12,8 @@ import hashlib
 import logging
 import math
 import os
+import pickle
+import signal
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -78,12 +80,22 @@ def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
 
 
 def load_official(root: Path, split: str, limit: int | None) -> ImageSet:
-    try:
-        ds = CIFAR10(str(root), train=split == "train", download=True)
-    except (OSError, RuntimeError) as err:  # no network, unreachable mirror, failed md5
-        raise DataNotFoundError(
-            missing_data_message(root, "official", f"download failed ({err})")
-        ) from err
+    batches = root / CIFAR10.base_folder
+    if batches.is_dir():  # present: check it, never download over it
+        try:
+            ds = CIFAR10(str(root), train=split == "train", download=False)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+            raise UserError(
+                f"{batches} is truncated or corrupted (its files fail the md5 check: {err}); "
+                f"delete the folder to download it again, or replace it with a good copy"
+            ) from None
+    else:
+        try:
+            ds = CIFAR10(str(root), train=split == "train", download=True)
+        except (OSError, RuntimeError) as err:  # no network, unreachable mirror, failed md5
+            raise DataNotFoundError(
+                missing_data_message(root, "official", f"download failed ({err})")
+            ) from err
     labels = np.asarray(ds.targets, dtype=np.int64)
     keep = balanced_subset(labels, limit)
     return ImageSet(ds.data[keep], labels[keep], tuple(ds.classes))
@@ -91,8 +103,11 @@ def load_official(root: Path, split: str, limit: int | None) -> ImageSet:
 
 def decode(paths: list[str]) -> np.ndarray:
     def read(path: str) -> np.ndarray:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        try:
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"))
+        except OSError as err:  # unreadable, truncated or not an image
+            raise UserError(f"cannot read image {path} ({err}); delete or replace it") from None
 
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # Pillow decodes without the GIL
         return np.stack(list(pool.map(read, paths, chunksize=256)))
@@ -169,7 +184,9 @@ def reseed_worker_transform(worker_id: int) -> None:
     """Give each worker's copy of the pipeline its own stream, drawn from the loader's seed.
 
     albumentations keeps its own random state, which forked workers would otherwise share.
+    Workers ignore Ctrl-C: the main process stops training after the current step.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     info = get_worker_info()
     info.dataset.transform.set_random_seed(info.seed % 2**32)
 
@@ -243,6 +260,21 @@ def make_loader(
         worker_init_fn=reseed_worker_transform if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def seed_epoch(loader: TensorLoader | DataLoader, seed: int, epoch: int) -> None:
+    """Seed the epoch's shuffle and augmentation from (seed, epoch) alone.
+
+    Epoch e then draws the same images in the same order with the same augmentation
+    whether the run went straight through or was resumed before it.
+    """
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    # TensorLoader: the order and the augmentation; DataLoader: the order and worker seeds.
+    loader.generator.manual_seed(epoch_seed)
+    if isinstance(loader, DataLoader) and loader.num_workers == 0:
+        transform = loader.dataset.transform
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(epoch_seed)
 
 
 def load(data_cfg: Mapping, split: str) -> ImageSet:

@@ -1,28 +1,109 @@
-"""Bad input ends with one clear message and a non-zero exit, not a traceback."""
+"""Bad input ends with one clear message and a non-zero exit, not a traceback.
+
+HYDRA_FULL_ERROR=1 (Hydra's own debug switch) shows the traceback instead. In a multirun a
+failed job is reported and the sweep goes on; `SweepReport` lists the failures at its end.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 log = logging.getLogger("cifar_exp")
 
 USAGE_ERROR = 2
+DIVERGED = 3
 
 
 class UserError(Exception):
     """Something the user can fix: missing data, a bad value, a missing file."""
 
+    exit_code = USAGE_ERROR
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+    exit_code = DIVERGED
+
+
+EXPECTED = (UserError, InstantiationException, OmegaConfBaseException)
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """What a failed multirun job returns, so that the sweep goes on and reports it."""
+
+    message: str
+    exit_code: int
+
+
+def debugging() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def exit_code(err: Exception) -> int:
+    return getattr(err, "exit_code", USAGE_ERROR)
+
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turn errors caused by the config or the input files into a message and exit status 2."""
+    """Turn errors caused by the config or the input files into a message and an exit status."""
     try:
         yield
-    except (UserError, InstantiationException, OmegaConfBaseException) as err:
+    except EXPECTED as err:
+        if debugging():
+            raise
         log.error("%s", err)
-        raise SystemExit(USAGE_ERROR) from None
+        raise SystemExit(exit_code(err)) from None
+
+
+def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run a Hydra job: a single run exits on a user error; a multirun job returns JobFailed."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        with exit_on_user_error():
+            return task(cfg)
+    try:
+        return task(cfg)
+    except EXPECTED as err:
+        if debugging():
+            raise
+        log.error("%s", err)
+        return JobFailed(str(err), exit_code(err))
+
+
+class SweepReport(Callback):
+    """At the end of a multirun, list the jobs that failed and why; exit non-zero if any did."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        result = job_return._return_value  # the exception itself when the job raised
+        if job_return.status == JobStatus.FAILED:
+            message = f"{type(result).__name__}: {result}"
+        elif isinstance(result, JobFailed):
+            message = result.message
+        else:
+            return
+        job = job_return.hydra_cfg.hydra.job
+        self.failures.append(f"job {job.num} ({job.override_dirname or 'no overrides'}): {message}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.failures:
+            log.error(
+                "%d job(s) of the sweep failed:\n%s", len(self.failures), "\n".join(self.failures)
+            )
+            raise SystemExit(1)

@@ -12,21 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cifar_exp import augment, data, models
+from cifar_exp.checkpoint import load
 from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.runner import evaluate, prepare_model, resolve_compute, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"ckpt={path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a file that is not a checkpoint
-        raise UserError(
-            f"ckpt={path} is not a checkpoint written by cifar_exp.train: {err}"
-        ) from err
 
 
 def predict(
@@ -66,7 +56,7 @@ def predict(
 def score(cfg: DictConfig) -> dict:
     """Accuracy of the checkpoint's model on the test split, overall and per class."""
     ckpt_path = Path(cfg.ckpt).expanduser()
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load(ckpt_path, option="ckpt")
     test_set, loss, predictions, targets = predict(checkpoint, cfg.data, cfg.device)
     correct = predictions == targets
     per_class = {

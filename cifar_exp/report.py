@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import budget, data, evaluate, models, plots, tracking
+from cifar_exp import budget, checkpoint, data, evaluate, models, plots, tracking
 from cifar_exp.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("cifar_exp.report")
@@ -117,11 +117,11 @@ def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> 
     if not ckpt.is_file():
         log.warning("No misclassified images for %s: %s is missing", run.path, ckpt)
         return None
-    checkpoint = evaluate.load_checkpoint(ckpt)
+    state = checkpoint.load(ckpt, option="checkpoint")
     data_cfg = run.config.data.copy()
     limit = data_cfg.limit_test
     data_cfg.limit_test = eval_images if limit is None else min(limit, eval_images)
-    test_set, _, predictions, targets = evaluate.predict(checkpoint, data_cfg, device)
+    test_set, _, predictions, targets = evaluate.predict(state, data_cfg, device)
     all_wrong = (predictions != targets).nonzero().flatten().numpy()
     # Balanced over the true classes: folder-format test sets list the images class by class.
     wrong = all_wrong[data.balanced_subset(targets[all_wrong].numpy(), images)].tolist()
@@ -130,7 +130,7 @@ def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> 
     accuracy = (predictions == targets).float().mean().item()
     title = (
         f"{run.label}: {len(wrong)} of the {len(all_wrong)} misclassified among "
-        f"{len(targets)} test images (accuracy {100 * accuracy:.1f}%, epoch {checkpoint['epoch']})"
+        f"{len(targets)} test images (accuracy {100 * accuracy:.1f}%, epoch {state['epoch']})"
     )
     return plots.plot_image_grid(
         test_set.images[wrong], captions, title, run.path / "misclassified.png"

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cifar_exp.errors import UserError
+from cifar_exp import checkpoint, data, interrupt
+from cifar_exp.errors import TrainingDiverged, UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ EPOCH_METRICS = (
     "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
     "images_per_second",
 )  # fmt: skip
-BAR_EVERY = 20  # batches between progress-bar updates of loss and accuracy (each waits for the GPU)
+CHECK_EVERY = 20  # steps between loss checks and progress-bar updates (each waits for the GPU)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,12 +56,21 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> None:
+    """Raise TrainingDiverged naming the first step whose loss is NaN or infinite.
+
+    Called every few steps with the losses since the last call: one wait for the device each
+    time, not one per step.
+    """
+    finite = torch.isfinite(torch.stack(losses)).tolist()
+    if not all(finite):
+        bad = finite.index(False)
+        step, loss = last_step - len(losses) + 1 + bad, losses[bad].item()
+        raise TrainingDiverged(
+            f"the training loss became {loss} at epoch {epoch}, step {step}: training diverged. "
+            "checkpoints/last.pt still holds the last good epoch; lower optimizer.lr "
+            "or change the scheduler and start again"
+        )
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -164,13 +174,16 @@ def train_epoch(
     step_scheduler: Any = None,
     bar: tqdm | None = None,
     label_smoothing: float = 0.0,
+    epoch: int = 1,
 ) -> tuple[float, float, int]:
     """One pass over the loader; returns mean loss, accuracy and the number of images.
 
     `step_scheduler` steps after every batch (OneCycle). Running sums stay on the device, so
-    the loop never waits for the GPU except to update the progress bar now and then.
+    the loop waits for the GPU only every CHECK_EVERY steps, to check the loss is finite and
+    update the progress bar. A stop signal (see `interrupt`) raises Interrupted after a step.
     """
     model.train()
+    recent_losses: list[torch.Tensor] = []
     loss_sum = torch.zeros((), device=compute.device)
     correct = torch.zeros((), device=compute.device, dtype=torch.long)
     seen = 0
@@ -188,12 +201,19 @@ def train_epoch(
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
-        if bar is not None:
-            bar.update()
-            if step % BAR_EVERY == 0:
+        recent_losses.append(loss.detach())
+        if step % CHECK_EVERY == 0:
+            check_finite(recent_losses, epoch, step)
+            recent_losses.clear()
+            if bar is not None:
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}"
                 )
+        if bar is not None:
+            bar.update()
+        interrupt.raise_if_requested(epoch, step)
+    if recent_losses:
+        check_finite(recent_losses, epoch, step)
     return loss_sum.item() / seen, correct.item() / seen, seen
 
 
@@ -213,6 +233,10 @@ def fit(
     checkpoint_extra: dict | None = None,
     progress: bool = True,
     label_smoothing: float = 0.0,
+    start_epoch: int = 1,
+    best_test_acc: float = -1.0,
+    seed: int | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[dict]:
     """Train for `epochs`, testing after each; returns the per-epoch metrics.
 
@@ -220,14 +244,22 @@ def fit(
     (a W&B run) and writes checkpoints/last.pt, and checkpoints/best.pt when test accuracy
     improves. The scheduler steps after every batch (interval "step") or every epoch, given
     the monitored metric if it has one (ReduceLROnPlateau).
+
+    A resumed run starts at `start_epoch` with the checkpoint's `best_test_acc` (and its
+    `scaler`, for float16). With a
+    `seed`, each epoch's shuffle and augmentation depend on (seed, epoch) only, so a resumed
+    run repeats them exactly. A NaN or infinite loss raises TrainingDiverged before its step
+    is saved; a stop signal (see `interrupt`) raises Interrupted after a finished step.
     """
     forward = prepare_model(model, compute)
-    scaler = compute.grad_scaler()
+    scaler = scaler or compute.grad_scaler()
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = run_dir / "metrics.jsonl"
     history: list[dict] = []
-    best_acc = -1.0
-    for epoch in range(1, epochs + 1):
+    best_acc = best_test_acc
+    for epoch in range(start_epoch, epochs + 1):
+        if seed is not None:
+            data.seed_epoch(train_loader, seed, epoch)
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(
@@ -239,7 +271,7 @@ def fit(
             train_loss, train_acc, seen = train_epoch(
                 forward, optimizer, train_loader, compute, scaler,
                 step_scheduler=scheduler if scheduler_interval == "step" else None, bar=bar,
-                label_smoothing=label_smoothing,
+                label_smoothing=label_smoothing, epoch=epoch,
             )  # fmt: skip
         train_seconds = time.perf_counter() - start
 
@@ -276,18 +308,12 @@ def fit(
             metrics["epoch_seconds"],
         )
 
-        checkpoint = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "metrics": metrics,
-            "best_test_acc": max(best_acc, metrics["test_acc"]),
-            **(checkpoint_extra or {}),
-        }
-        save_atomic(checkpoint, run_dir / "checkpoints" / "last.pt")
+        state = checkpoint.capture(
+            model, optimizer, scheduler, epoch=epoch, metrics=metrics, scaler=scaler,
+            best_test_acc=max(best_acc, metrics["test_acc"]), **(checkpoint_extra or {}),
+        )  # fmt: skip
+        checkpoint.save(state, run_dir / "checkpoints" / "last.pt")
         if metrics["test_acc"] > best_acc:
             best_acc = metrics["test_acc"]
-            save_atomic(checkpoint, run_dir / "checkpoints" / "best.pt")
+            checkpoint.save(state, run_dir / "checkpoints" / "best.pt")
     return history

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,17 @@ def keep_files_in(folder: Path) -> None:
     wandb_dir.mkdir(parents=True, exist_ok=True)
 
 
-def start_run(logger_cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Any:
-    """Start the W&B run of this Hydra job (offline, online or disabled, as configured).
+@contextlib.contextmanager
+def start_run(
+    logger_cfg: DictConfig, run_dir: Path, config: dict[str, Any], run_id: str | None = None
+) -> Iterator[Any]:
+    """The W&B run of this Hydra job (offline, online or disabled, as configured).
 
     It is named by the job's overrides and, in a multirun, grouped by the sweep. W&B's cache,
     data, artifact staging and settings folders go under run_dir/wandb, not the home folder.
+    With `run_id` (a resumed run) the same W&B run continues. The run finishes when the block
+    ends, with the exit code of an error or stop signal that ends it (W&B's own context
+    manager would print a traceback for it).
     """
     keep_files_in(run_dir)
     hydra_cfg = HydraConfig.get()
@@ -40,13 +48,22 @@ def start_run(logger_cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> 
         group = Path(hydra_cfg.sweep.dir).as_posix().replace("/", "-")
     # Partial: `config` is also the name of instantiate's own first argument.
     init = instantiate(logger_cfg, _partial_=True)
-    return init(
+    resume = {"id": run_id, "resume": "allow"} if run_id else {}
+    run = init(
         dir=str(run_dir),
         config=config,
         name=name,
         group=group,
         reinit="finish_previous",  # one run per job, even inside a multirun process
+        **resume,
     )
+    try:
+        yield run
+    except BaseException as err:
+        code = err.code if isinstance(err, SystemExit) else getattr(err, "exit_code", 1)
+        run.finish(exit_code=code if isinstance(code, int) else 1)
+        raise
+    run.finish()
 
 
 def log_model(run: Any, checkpoint: Path, name: str = "model") -> None:

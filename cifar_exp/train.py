@@ -17,8 +17,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cifar_exp import augment, budget, data, models, plots, tracking
-from cifar_exp.errors import UserError, exit_on_user_error
+from cifar_exp import (
+    augment,
+    budget,
+    checkpoint,
+    data,
+    interrupt,
+    models,
+    plots,
+    run_folders,
+    tracking,
+)
+from cifar_exp.errors import UserError, run_job
 from cifar_exp.runner import (
     EPOCH_METRICS,
     Compute,
@@ -27,6 +37,7 @@ from cifar_exp.runner import (
     resolve_device,
     seed_everything,
 )
+from cifar_exp.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,19 @@ def build_scheduler(scheduler_cfg: DictConfig, optimizer: Any, steps_per_epoch: 
     return call_factory("scheduler.lr_scheduler", factory, optimizer, **step_args)
 
 
+def resumed_config(cfg: DictConfig, saved: dict) -> DictConfig:
+    """The resumed run's saved config, with where it runs (data location, device, ...) as given
+    on the command line."""
+    hydra_cfg = HydraConfig.get()
+    given = run_folders.overridden(list(hydra_cfg.overrides.task))
+    resumed = OmegaConf.create(saved)
+    for key in set(run_folders.where_it_runs(hydra_cfg)) & set(given):
+        value = OmegaConf.select(cfg, key, default=None)
+        if not OmegaConf.is_config(value):  # a key, not a group such as debug
+            OmegaConf.update(resumed, key, value, force_add=True)
+    return resumed
+
+
 @dataclass
 class Training:
     """Everything the config names, built and ready for the training loop."""
@@ -66,11 +90,13 @@ class Training:
     receptive_field: int
 
 
-def build(cfg: DictConfig) -> Training:
+def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None = None) -> Training:
     """Model, optimizer, data, scheduler and compute options from the config.
 
-    Config checks, model and optimizer come first: a bad value fails before the data is loaded.
+    Config checks, model (with the `resumed` checkpoint's weights) and optimizer come first: a
+    bad value or a checkpoint of another model fails before the data is loaded.
     """
+    validate(cfg)
     if cfg.scheduler.monitor not in (None, *EPOCH_METRICS):
         raise UserError(
             f"scheduler.monitor={cfg.scheduler.monitor} is not a metric; "
@@ -87,10 +113,23 @@ def build(cfg: DictConfig) -> Training:
     log.info("Model: %s parameters, receptive field %d pixels", f"{num_params:,}", rf)
     budget.check(num_params, rf, cfg.model.get("max_params"), cfg.model.get("min_rf"))
     optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
+    if resumed:
+        checkpoint.restore_model(resumed, model, ckpt_path)
 
     train_set, test_set = data.load(cfg.data, "train"), data.load(cfg.data, "test")
     if train_set.classes != test_set.classes:
-        raise UserError(f"train and test classes differ: {train_set.classes} vs {test_set.classes}")
+        missing = set(train_set.classes) ^ set(test_set.classes)
+        raise UserError(
+            f"train and test classes differ (only in one split: {', '.join(sorted(missing))}); "
+            "each class needs a folder in both data.root/train and data.root/test"
+        )
+    num_classes = cfg.model.get("num_classes")
+    if num_classes is not None and len(train_set.classes) != num_classes:
+        raise UserError(
+            f"the data has {len(train_set.classes)} classes ({', '.join(train_set.classes)}) "
+            f"but model.num_classes={num_classes}; add the missing class folders or set "
+            "model.num_classes"
+        )
     train_augment = instantiate(cfg.augment)
     test_augment = augment.plain(train_augment, cfg.data.mean, cfg.data.std)
     loader_args = dict(
@@ -110,11 +149,30 @@ def build(cfg: DictConfig) -> Training:
 
 
 def train(cfg: DictConfig) -> float:
-    """Build everything the config names, train, and return the best test accuracy."""
+    """Build everything the config names, train, and return the best test accuracy.
+
+    With trainer.resume, continue the run in its own folder from its last checkpoint.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resumed, ckpt_path = None, None
+    if cfg.trainer.resume:
+        ckpt_path = run_folders.checkpoint_path(cfg.trainer.resume, run_dir)
+        resumed = checkpoint.load(ckpt_path)
+        if "step" in resumed:
+            raise checkpoint.CheckpointError(
+                f"trainer.resume={ckpt_path} holds mid-epoch weights saved on a stop signal; "
+                f"resume from the run folder (its checkpoints/last.pt) instead"
+            )
+        cfg = resumed_config(cfg, resumed["config"])
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    setup = build(cfg)
-    model = setup.model
+    setup = build(cfg, resumed, ckpt_path)
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    scaler = setup.compute.grad_scaler()
+    history, start_epoch, best_test_acc = [], 1, -1.0
+    if resumed:
+        history = checkpoint.rewind_metrics(run_dir / "metrics.jsonl", resumed["epoch"])
+        start_epoch, best_test_acc = resumed["epoch"] + 1, resumed["best_test_acc"]
+        log.info("Resuming %s after epoch %d", run_dir, resumed["epoch"])
 
     model_summary = str(torchinfo.summary(model, input_size=(1, 3, 32, 32), verbose=0))
     log.info("Model:\n%s", model_summary)
@@ -129,24 +187,47 @@ def train(cfg: DictConfig) -> float:
 
     config = OmegaConf.to_container(cfg, resolve=True)
     # The W&B run ends when the block does, marked failed if it raised.
-    with tracking.start_run(cfg.logger, run_dir, config) as run:
+    wandb_id = resumed.get("wandb_run_id") if resumed else None
+    with tracking.start_run(cfg.logger, run_dir, config, run_id=wandb_id) as run:
         run.summary.update({"params": setup.num_params, "receptive_field": setup.receptive_field})
-        history = fit(
-            model,
-            setup.optimizer,
-            setup.scheduler,
-            setup.train_loader,
-            setup.test_loader,
-            epochs=cfg.trainer.epochs,
-            compute=setup.compute,
-            run_dir=run_dir,
-            tracker=run,
-            scheduler_interval=cfg.scheduler.interval,
-            scheduler_monitor=cfg.scheduler.monitor,
-            checkpoint_extra={"config": config, "classes": list(setup.classes)},
-            progress=cfg.trainer.progress,
-            label_smoothing=cfg.trainer.label_smoothing,
-        )
+        extra = {"config": config, "classes": list(setup.classes), "wandb_run_id": run.id}
+        if resumed:  # the saved random-number states, last: building the run used others
+            checkpoint.restore_training(resumed, optimizer, scheduler, scaler)
+        try:
+            with interrupt.stop_on_signals():
+                history += fit(
+                    model,
+                    optimizer,
+                    scheduler,
+                    setup.train_loader,
+                    setup.test_loader,
+                    epochs=cfg.trainer.epochs,
+                    compute=setup.compute,
+                    run_dir=run_dir,
+                    tracker=run,
+                    scheduler_interval=cfg.scheduler.interval,
+                    scheduler_monitor=cfg.scheduler.monitor,
+                    checkpoint_extra=extra,
+                    progress=cfg.trainer.progress,
+                    label_smoothing=cfg.trainer.label_smoothing,
+                    start_epoch=start_epoch,
+                    best_test_acc=best_test_acc,
+                    seed=cfg.seed,
+                    scaler=scaler,
+                )
+        except interrupt.Interrupted as stop:
+            # Mid-epoch weights, for a look; resuming restarts this epoch from last.pt.
+            state = checkpoint.capture(
+                model, optimizer, scheduler, epoch=stop.epoch, step=stop.step, scaler=scaler,
+                best_test_acc=max([best_test_acc, *(m["test_acc"] for m in history)]), **extra,
+            )  # fmt: skip
+            checkpoint.save(state, run_dir / "checkpoints" / "interrupted.pt")
+            log.warning(
+                "%s. Weights so far: checkpoints/interrupted.pt. Continue with "
+                "trainer.resume=%s (restarts epoch %d)",
+                stop, run_dir, stop.epoch,
+            )  # fmt: skip
+            raise SystemExit(stop.exit_code) from None
         best = max(history, key=lambda m: m["test_acc"])
         results = {
             "params": setup.num_params,
@@ -175,8 +256,7 @@ def train(cfg: DictConfig) -> float:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with exit_on_user_error():
-        return train(cfg)
+    return run_job(train, cfg)
 
 
 if __name__ == "__main__":

@@ -93,16 +93,25 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def wandb_records(run_dir: Path) -> list[dict]:
-    """Every record of the run's offline .wandb log, read back with `wandb leet inspect`."""
-    (log_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    out = subprocess.run(
-        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(log_file)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    """Every record of the run's offline .wandb logs (one per session: a resumed run has
+    several), oldest first, read back with `wandb leet inspect`."""
+    records = []
+    for log_file in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        out = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "wandb"),
+                "leet",
+                "inspect",
+                "--json",
+                str(log_file),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+        records += [json.loads(line) for line in out.splitlines() if line.strip()]
+    return records
 
 
 def augment_batch(transform, images: np.ndarray, seed: int = 0) -> torch.Tensor:
