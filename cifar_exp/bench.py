@@ -3,8 +3,8 @@
 Measures images per second over whole training epochs, data loading and augmentation
 included, for the naive baseline (per-image albumentations in a 2-worker DataLoader, eager
 float32, NCHW, batch 128), the framework's defaults, and each speed option added to the
-baseline on its own. The variants run interleaved in one process (a b c a b c ...), each
-after one untimed warm-up epoch, and every figure is a ratio to the baseline's epoch in the
+baseline on its own. The variants run interleaved in one process (a b c a b c ...), after an
+untimed warm-up round (round 0), and every figure is a ratio to the baseline's epoch in the
 same round: absolute times on a shared machine are noise, paired ratios much less so.
 The last line printed is `speedup_vs_naive <median ratio of the defaults>`.
 """
@@ -12,6 +12,7 @@ The last line printed is `speedup_vs_naive <median ratio of the defaults>`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -48,13 +49,17 @@ VARIANTS = {
 }
 
 
-def timed_epoch(setup: Training, forward: torch.nn.Module, scaler: torch.amp.GradScaler) -> float:
-    """Images per second over one training epoch, waiting for the device at both ends."""
+def timed_epoch(
+    setup: Training, forward: torch.nn.Module, scaler: torch.amp.GradScaler, batches: int | None
+) -> float:
+    """Images per second over one training epoch (or its first `batches`), waiting for the
+    device at both ends."""
     device = setup.compute.device
+    loader = itertools.islice(setup.train_loader, batches)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    _, _, seen = train_epoch(forward, setup.optimizer, setup.train_loader, setup.compute, scaler)
+    _, _, seen = train_epoch(forward, setup.optimizer, loader, setup.compute, scaler)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return seen / (time.perf_counter() - start)
@@ -82,13 +87,16 @@ def run(names: list[str], overrides: list[str], repeats: int) -> dict:
         print(f"{name}: {setup.compute}, batch {cfg.data.batch_size}", flush=True)
 
     per_round: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats + 1):  # round 0 warms up: compilation, workers, caches
+    for round_index in range(repeats + 1):
         for name, (setup, forward, cfg) in contestants.items():
             torch.set_num_threads(cfg.trainer.threads or default_threads)
-            speed = timed_epoch(setup, forward, setup.compute.grad_scaler())
+            # Round 0 warms up (caches, kernels): a few batches, or a whole epoch when
+            # compiling, so that the last, smaller batch is compiled before timing too.
+            warmup = round_index == 0 and not setup.compute.compile
+            speed = timed_epoch(setup, forward, setup.compute.grad_scaler(), 3 if warmup else None)
+            print(f"round {round_index} {name}: {speed:.0f} images/s", flush=True)
             if round_index:
                 per_round[name].append(speed)
-                print(f"round {round_index} {name}: {speed:.0f} images/s", flush=True)
 
     baseline = per_round["naive"]
     device = contestants["naive"][0].compute.device
