@@ -79,6 +79,27 @@ def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
     return np.sort(chosen)
 
 
+def hold_out(train: ImageSet, size: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Split `size` images off a training set: (the rest, the validation set).
+
+    The validation images are class-balanced (as `balanced_subset`) and drawn in an order
+    shuffled by `seed`, so the same seed holds out the same images every time.
+    """
+    n = len(train.labels)
+    if not 0 < size < n:
+        raise UserError(
+            f"data.val_size={size} must be between 1 and the {n - 1} training images it is "
+            "taken from (after data.limit_train); 0 or null: no validation set"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    val = np.sort(order[balanced_subset(train.labels[order], size)])
+    rest = np.setdiff1d(np.arange(n), val)
+    return (
+        ImageSet(train.images[rest], train.labels[rest], train.classes),
+        ImageSet(train.images[val], train.labels[val], train.classes),
+    )
+
+
 def load_official(root: Path, split: str, limit: int | None) -> ImageSet:
     batches = root / CIFAR10.base_folder
     if batches.is_dir():  # present: check it, never download over it

@@ -28,6 +28,7 @@ EPOCH_METRICS = (
     "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
     "images_per_second",
 )  # fmt: skip
+VAL_METRICS = ("val_loss", "val_acc")  # added when fit is given a validation loader
 CHECK_EVERY = 20  # steps between loss checks and progress-bar updates (each waits for the GPU)
 
 
@@ -237,13 +238,15 @@ def fit(
     best_test_acc: float = -1.0,
     seed: int | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    val_loader: Iterable | None = None,
 ) -> list[dict]:
     """Train for `epochs`, testing after each; returns the per-epoch metrics.
 
     Each epoch appends one JSON line to run_dir/metrics.jsonl, logs the same to `tracker`
     (a W&B run) and writes checkpoints/last.pt, and checkpoints/best.pt when test accuracy
     improves. The scheduler steps after every batch (interval "step") or every epoch, given
-    the monitored metric if it has one (ReduceLROnPlateau).
+    the monitored metric if it has one (ReduceLROnPlateau). With a `val_loader` (images held
+    out of the training set) each epoch also records VAL_METRICS.
 
     A resumed run starts at `start_epoch` with the checkpoint's `best_test_acc` (and its
     `scaler`, for float16). With a
@@ -286,6 +289,10 @@ def fit(
             "epoch_seconds": time.perf_counter() - start,
             "images_per_second": seen / train_seconds,
         }
+        if val_loader is not None:
+            val_loss, predictions, targets = evaluate(forward, val_loader, compute)
+            val_acc = (predictions == targets).float().mean().item()
+            metrics.update(zip(VAL_METRICS, (val_loss, val_acc), strict=True))
         if scheduler_interval == "epoch":
             if scheduler_monitor:
                 scheduler.step(metrics[scheduler_monitor])

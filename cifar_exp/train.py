@@ -31,6 +31,7 @@ from cifar_exp import (
 from cifar_exp.errors import UserError, run_job
 from cifar_exp.runner import (
     EPOCH_METRICS,
+    VAL_METRICS,
     Compute,
     fit,
     resolve_compute,
@@ -88,6 +89,7 @@ class Training:
     sizes: tuple[int, int]  # training and test images
     num_params: int
     receptive_field: int
+    val_loader: Iterable | None = None  # images held out of the training set (data.val_size)
 
 
 def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None = None) -> Training:
@@ -97,11 +99,13 @@ def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None =
     bad value or a checkpoint of another model fails before the data is loaded.
     """
     validate(cfg)
-    if cfg.scheduler.monitor not in (None, *EPOCH_METRICS):
-        raise UserError(
-            f"scheduler.monitor={cfg.scheduler.monitor} is not a metric; "
-            f"choose one of {', '.join(EPOCH_METRICS)}"
-        )
+    metric_names = EPOCH_METRICS + (VAL_METRICS if cfg.data.get("val_size") else ())
+    for key in ("scheduler.monitor", "optimized_metric"):
+        if OmegaConf.select(cfg, key) not in (None, *metric_names):
+            raise UserError(
+                f"{key}={OmegaConf.select(cfg, key)} is not a metric of this run; choose one of "
+                f"{', '.join(metric_names)} (val_* need data.val_size)"
+            )
     trainer = cfg.trainer
     compute = resolve_compute(
         resolve_device(trainer.device), trainer.precision, trainer.channels_last, trainer.compile
@@ -130,6 +134,9 @@ def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None =
             f"but model.num_classes={num_classes}; add the missing class folders or set "
             "model.num_classes"
         )
+    val_set = None
+    if cfg.data.get("val_size"):
+        train_set, val_set = data.hold_out(train_set, cfg.data.val_size, cfg.data.val_seed)
     train_augment = instantiate(cfg.augment)
     test_augment = augment.plain(train_augment, cfg.data.mean, cfg.data.std)
     loader_args = dict(
@@ -140,16 +147,32 @@ def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None =
     )
     train_loader = data.make_loader(train_set, train_augment, shuffle=True, **loader_args)
     test_loader = data.make_loader(test_set, test_augment, shuffle=False, **loader_args)
+    val_loader = None
+    if val_set is not None:
+        val_loader = data.make_loader(val_set, test_augment, shuffle=False, **loader_args)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
     sizes = (len(train_set.labels), len(test_set.labels))
     return Training(
         model, optimizer, scheduler, train_loader, test_loader, compute, train_set.classes, sizes,
-        num_params, rf,
+        num_params, rf, val_loader,
     )  # fmt: skip
 
 
+def optimized_metric(cfg: DictConfig) -> str:
+    """What a sweeper optimises: `optimized_metric`, else val_acc with a validation set, else
+    test_acc (never the test set when searching: hparams_search sets data.val_size)."""
+    return cfg.get("optimized_metric") or ("val_acc" if cfg.data.get("val_size") else "test_acc")
+
+
+def best_value(history: list[dict], metric: str) -> float:
+    """The best value of `metric` over the epochs: the lowest loss, the highest anything else."""
+    values = [m[metric] for m in history]
+    return min(values) if metric.endswith("loss") else max(values)
+
+
 def train(cfg: DictConfig) -> float:
-    """Build everything the config names, train, and return the best test accuracy.
+    """Build everything the config names, train, and return the best value of the optimised
+    metric (`optimized_metric`): what a Hydra sweeper (optuna) optimises.
 
     With trainer.resume, continue the run in its own folder from its last checkpoint.
     """
@@ -214,6 +237,7 @@ def train(cfg: DictConfig) -> float:
                     best_test_acc=best_test_acc,
                     seed=cfg.seed,
                     scaler=scaler,
+                    val_loader=setup.val_loader,
                 )
         except interrupt.Interrupted as stop:
             # Mid-epoch weights, for a look; resuming restarts this epoch from last.pt.
@@ -238,6 +262,8 @@ def train(cfg: DictConfig) -> float:
             "final_train_acc": history[-1]["train_acc"],
             "mean_epoch_seconds": sum(m["epoch_seconds"] for m in history) / len(history),
         }
+        metric = optimized_metric(cfg)
+        results[f"best_{metric}"] = best_value(history, metric)
         with summary_file.open("a") as f:
             f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
         graphs = plots.plot_curves(history, run_dir / "graphs.png")
@@ -251,7 +277,8 @@ def train(cfg: DictConfig) -> float:
         results["final_test_acc"],
         run_dir,
     )
-    return results["best_test_acc"]
+    log.info("Optimised metric: best %s %.4f", metric, results[f"best_{metric}"])
+    return results[f"best_{metric}"]
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

@@ -37,6 +37,8 @@ class Data(Section):
     num_workers: int = Field(ge=0)
     limit_train: PositiveInt | None
     limit_test: PositiveInt | None
+    val_size: int | None = Field(default=None, ge=0)
+    val_seed: int = 0
 
 
 class Optimizer(Section):
@@ -50,6 +52,7 @@ class Model(Section):
 
 class TrainConfig(Section):
     seed: int
+    optimized_metric: str | None = None
     trainer: Trainer
     data: Data
     optimizer: Optimizer
