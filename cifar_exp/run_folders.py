@@ -176,7 +176,8 @@ class RunFolders(Callback):
                     "with trainer.resume=<its folder>"
                 )
             with read_write(config.hydra), open_dict(config.hydra):
-                if named_by_user(config, "hydra.sweep.dir"):
+                # A sweeper that keeps its study (optuna's storage) continues in its folder.
+                if named_by_user(config, "hydra.sweep.dir") or config.hydra.sweeper.get("storage"):
                     check_writable(Path(config.hydra.sweep.dir))
                 else:
                     config.hydra.sweep.dir = str(claim_folder(Path(config.hydra.sweep.dir)))
