@@ -281,10 +281,18 @@ def train(cfg: DictConfig) -> float:
     return results[f"best_{metric}"]
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+# An absolute path: Hydra finds it whether this module runs as __main__ or is imported.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     return run_job(train, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    # Call `main` from the module by its import name, not as __main__: launchers that run the
+    # jobs in other processes (joblib, submitit) pickle the task by reference to its module.
+    from cifar_exp.train import main as importable_main
+
+    importable_main()
