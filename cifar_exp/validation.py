@@ -29,6 +29,8 @@ class Trainer(Section):
     channels_last: bool = True
     compile: bool | Literal["auto"] = "auto"
     threads: PositiveInt | None = None
+    strategy: Literal["single", "ddp"] = "single"
+    sync_batchnorm: bool = False
 
 
 class Data(Section):
