@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchvision.datasets import CIFAR10, ImageFolder
 
+from cifar_exp import distributed
 from cifar_exp.augment import BatchAugment
 from cifar_exp.errors import UserError
 
@@ -77,6 +78,27 @@ def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
     rank_in_class[order] = np.arange(len(labels)) - starts
     chosen = np.lexsort((labels, rank_in_class))[:limit]
     return np.sort(chosen)
+
+
+def hold_out(train: ImageSet, size: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Split `size` images off a training set: (the rest, the validation set).
+
+    The validation images are class-balanced (as `balanced_subset`) and drawn in an order
+    shuffled by `seed`, so the same seed holds out the same images every time.
+    """
+    n = len(train.labels)
+    if not 0 < size < n:
+        raise UserError(
+            f"data.val_size={size} must be between 1 and the {n - 1} training images it is "
+            "taken from (after data.limit_train); 0 or null: no validation set"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    val = np.sort(order[balanced_subset(train.labels[order], size)])
+    rest = np.setdiff1d(np.arange(n), val)
+    return (
+        ImageSet(train.images[rest], train.labels[rest], train.classes),
+        ImageSet(train.images[val], train.labels[val], train.classes),
+    )
 
 
 def load_official(root: Path, split: str, limit: int | None) -> ImageSet:
@@ -197,6 +219,9 @@ class TensorLoader:
     Shuffling, slicing and `BatchAugment` run as a few tensor operations per batch: no
     per-image Python and no worker processes. One generator on the device drives the order
     and the augmentation, so a seed fixes both. Yields (images, labels) like a DataLoader.
+
+    Under DDP (`ranks`) every rank draws the same global batch and augments it, then keeps
+    its own share: the ranks together see what a single process would.
     """
 
     def __init__(
@@ -208,12 +233,14 @@ class TensorLoader:
         shuffle: bool,
         seed: int,
         device: torch.device,
+        ranks: distributed.Ranks | None = None,
     ) -> None:
         # NHWC storage seen as NCHW: the layout channels_last wants, at no copy.
         self.images = torch.from_numpy(data.images).to(device).permute(0, 3, 1, 2)
         self.labels = torch.from_numpy(data.labels).to(device)
         self.augmentation, self.batch_size, self.shuffle = augmentation, batch_size, shuffle
         self.generator = torch.Generator(device).manual_seed(seed)
+        self.ranks = ranks or distributed.Ranks()
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -225,7 +252,11 @@ class TensorLoader:
         else:
             order = torch.arange(n, device=device)
         for batch in order.split(self.batch_size):
-            yield self.augmentation(self.images[batch], self.generator), self.labels[batch]
+            images = self.augmentation(self.images[batch], self.generator)
+            if self.ranks.world_size > 1:
+                share = distributed.shard(torch.arange(len(batch), device=device), self.ranks)
+                images, batch = images[share], batch[share]
+            yield images, self.labels[batch]
 
 
 def make_loader(
@@ -237,22 +268,33 @@ def make_loader(
     seed: int,
     device: torch.device,
     num_workers: int,
+    ranks: distributed.Ranks | None = None,
 ) -> TensorLoader | DataLoader:
     """Batches of (normalised images, labels) for the training loop.
 
     A `BatchAugment` gets a `TensorLoader` (data on `device`, batched augmentation); an
     albumentations pipeline gets a DataLoader that augments image by image in `num_workers`
-    worker processes and hands CPU tensors to the loop.
+    worker processes and hands CPU tensors to the loop. With `ranks` (DDP) each rank gets its
+    share of every batch of `batch_size` (TensorLoader) or of the data set (a DistributedSampler
+    and batch_size / world_size per rank).
     """
     if isinstance(augmentation, BatchAugment):
         return TensorLoader(
-            data, augmentation, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device
-        )
+            data, augmentation, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device,
+            ranks=ranks,
+        )  # fmt: skip
     if hasattr(augmentation, "set_random_seed"):
         augmentation.set_random_seed(seed)
+    dataset, sampler = AugmentedImages(data, augmentation), None
+    if ranks is not None and ranks.world_size > 1:
+        sampler = DistributedSampler(
+            dataset, ranks.world_size, ranks.rank, shuffle=shuffle, seed=seed
+        )
+        batch_size, shuffle = batch_size // ranks.world_size, False  # the sampler shuffles
     return DataLoader(
-        AugmentedImages(data, augmentation),
+        dataset,
         batch_size=batch_size,
+        sampler=sampler,
         shuffle=shuffle,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -271,6 +313,8 @@ def seed_epoch(loader: TensorLoader | DataLoader, seed: int, epoch: int) -> None
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     # TensorLoader: the order and the augmentation; DataLoader: the order and worker seeds.
     loader.generator.manual_seed(epoch_seed)
+    if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        loader.sampler.set_epoch(epoch)  # DDP: the sampler's order, from its seed and epoch
     if isinstance(loader, DataLoader) and loader.num_workers == 0:
         transform = loader.dataset.transform
         if hasattr(transform, "set_random_seed"):

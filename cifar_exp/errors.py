@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -85,10 +88,19 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 
 class SweepReport(Callback):
-    """At the end of a multirun, list the jobs that failed and why; exit non-zero if any did."""
+    """At the end of a multirun, list the jobs that failed and why; exit non-zero if any did.
+
+    Launchers may run the jobs in other processes or on other machines (joblib, submitit),
+    each with its own copy of this callback: a failed job leaves a note in a folder of the
+    sweep, read back at the end.
+    """
 
     def __init__(self) -> None:
-        self.failures: list[str] = []
+        self.notes: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # One folder per session: a continued optuna study reuses its sweep folder.
+        self.notes = Path(config.hydra.sweep.dir) / f".failed-jobs-{uuid.uuid4().hex[:8]}"
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         result = job_return._return_value  # the exception itself when the job raised
@@ -99,11 +111,16 @@ class SweepReport(Callback):
         else:
             return
         job = job_return.hydra_cfg.hydra.job
-        self.failures.append(f"job {job.num} ({job.override_dirname or 'no overrides'}): {message}")
+        self.notes.mkdir(parents=True, exist_ok=True)
+        (self.notes / f"{job.num}.txt").write_text(
+            f"job {job.num} ({job.override_dirname or 'no overrides'}): {message}"
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.failures:
-            log.error(
-                "%d job(s) of the sweep failed:\n%s", len(self.failures), "\n".join(self.failures)
-            )
-            raise SystemExit(1)
+        if self.notes is None or not self.notes.is_dir():
+            return
+        notes = sorted(self.notes.glob("*.txt"), key=lambda p: int(p.stem))
+        failures = [p.read_text() for p in notes]
+        shutil.rmtree(self.notes)
+        log.error("%d job(s) of the sweep failed:\n%s", len(failures), "\n".join(failures))
+        raise SystemExit(1)

@@ -13,10 +13,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(history: Sequence[dict], path: Path) -> Path:
-    """Train and test loss and accuracy per epoch, side by side, as in the seed."""
+    """Train, validation (if held out) and test loss and accuracy per epoch, side by side."""
     epochs = [m["epoch"] for m in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for split in ("train", "test"):
+    for split in [s for s in ("train", "val", "test") if f"{s}_loss" in history[0]]:
         ax_loss.plot(epochs, [m[f"{split}_loss"] for m in history], marker="o", label=split)
         ax_acc.plot(epochs, [100 * m[f"{split}_acc"] for m in history], marker="o", label=split)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import traceback
 from collections.abc import Iterator
 from datetime import datetime
@@ -20,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from cifar_exp import checkpoint
+from cifar_exp import checkpoint, distributed
 from cifar_exp.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,12 @@ class RunFolders(Callback):
         with stop_on_error():
             resume = config.trainer.get("resume")
             with read_write(config.hydra), open_dict(config.hydra):
-                if resume:
+                if distributed.launched_rank() > 0:
+                    # DDP: rank 0 keeps the run folder; the other ranks' Hydra logs go to
+                    # a throwaway folder, and they take rank 0's run folder when they start.
+                    config.hydra.run.dir = tempfile.mkdtemp(prefix="cifar_exp-rank-")
+                    config.hydra.output_subdir = None
+                elif resume:
                     config.hydra.run.dir = str(self.resumed_folder(config, resume))
                     # Keep the run's original .hydra record; note this session beside it.
                     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -176,7 +182,8 @@ class RunFolders(Callback):
                     "with trainer.resume=<its folder>"
                 )
             with read_write(config.hydra), open_dict(config.hydra):
-                if named_by_user(config, "hydra.sweep.dir"):
+                # A sweeper that keeps its study (optuna's storage) continues in its folder.
+                if named_by_user(config, "hydra.sweep.dir") or config.hydra.sweeper.get("storage"):
                     check_writable(Path(config.hydra.sweep.dir))
                 else:
                     config.hydra.sweep.dir = str(claim_folder(Path(config.hydra.sweep.dir)))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cifar_exp import checkpoint, data, interrupt
+from cifar_exp import checkpoint, data, distributed, interrupt
 from cifar_exp.errors import TrainingDiverged, UserError
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ EPOCH_METRICS = (
     "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
     "images_per_second",
 )  # fmt: skip
+VAL_METRICS = ("val_loss", "val_acc")  # added when fit is given a validation loader
 CHECK_EVERY = 20  # steps between loss checks and progress-bar updates (each waits for the GPU)
 
 
@@ -131,12 +132,14 @@ def resolve_compute(
 
 
 def prepare_model(model: nn.Module, compute: Compute) -> nn.Module:
-    """Move the model to the device and layout; returns what to call (compiled or not).
+    """Move the model to the device and layout; returns what to call (in DDP when several
+    processes train, compiled or not).
 
-    A compiled model shares its parameters with `model`, whose state_dict stays the one to save.
+    Both share their parameters with `model`, whose state_dict stays the one to save.
     """
     model.to(compute.device, memory_format=compute.memory_format)
-    return torch.compile(model) if compute.compile else model
+    forward = distributed.wrap(model, compute.device)
+    return torch.compile(forward) if compute.compile else forward
 
 
 def to_device(
@@ -176,7 +179,8 @@ def train_epoch(
     label_smoothing: float = 0.0,
     epoch: int = 1,
 ) -> tuple[float, float, int]:
-    """One pass over the loader; returns mean loss, accuracy and the number of images.
+    """One pass over the loader; returns mean loss, accuracy and the number of images (over
+    all ranks under DDP).
 
     `step_scheduler` steps after every batch (OneCycle). Running sums stay on the device, so
     the loop waits for the GPU only every CHECK_EVERY steps, to check the loss is finite and
@@ -214,7 +218,9 @@ def train_epoch(
         interrupt.raise_if_requested(epoch, step)
     if recent_losses:
         check_finite(recent_losses, epoch, step)
-    return loss_sum.item() / seen, correct.item() / seen, seen
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(seen)])
+    loss_total, correct_total, seen_total = distributed.sum_across_ranks(totals).tolist()
+    return loss_total / seen_total, correct_total / seen_total, int(seen_total)
 
 
 def fit(
@@ -237,13 +243,17 @@ def fit(
     best_test_acc: float = -1.0,
     seed: int | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    val_loader: Iterable | None = None,
 ) -> list[dict]:
     """Train for `epochs`, testing after each; returns the per-epoch metrics.
 
     Each epoch appends one JSON line to run_dir/metrics.jsonl, logs the same to `tracker`
     (a W&B run) and writes checkpoints/last.pt, and checkpoints/best.pt when test accuracy
     improves. The scheduler steps after every batch (interval "step") or every epoch, given
-    the monitored metric if it has one (ReduceLROnPlateau).
+    the monitored metric if it has one (ReduceLROnPlateau). With a `val_loader` (images held
+    out of the training set) each epoch also records VAL_METRICS. Under DDP (`distributed`)
+    every rank trains on its share of each batch and tests on the whole test set, the
+    training metrics are summed over the ranks, and only rank 0 writes and logs.
 
     A resumed run starts at `start_epoch` with the checkpoint's `best_test_acc` (and its
     `scaler`, for float16). With a
@@ -253,6 +263,7 @@ def fit(
     """
     forward = prepare_model(model, compute)
     scaler = scaler or compute.grad_scaler()
+    main = distributed.current().is_main  # under DDP rank 0 alone writes and logs
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = run_dir / "metrics.jsonl"
     history: list[dict] = []
@@ -265,7 +276,7 @@ def fit(
         with tqdm(
             total=len(train_loader),
             desc=f"epoch {epoch}/{epochs}",
-            disable=not progress,
+            disable=not (progress and main),
             leave=False,
         ) as bar:
             train_loss, train_acc, seen = train_epoch(
@@ -286,6 +297,10 @@ def fit(
             "epoch_seconds": time.perf_counter() - start,
             "images_per_second": seen / train_seconds,
         }
+        if val_loader is not None:
+            val_loss, predictions, targets = evaluate(forward, val_loader, compute)
+            val_acc = (predictions == targets).float().mean().item()
+            metrics.update(zip(VAL_METRICS, (val_loss, val_acc), strict=True))
         if scheduler_interval == "epoch":
             if scheduler_monitor:
                 scheduler.step(metrics[scheduler_monitor])
@@ -293,6 +308,8 @@ def fit(
                 scheduler.step()
 
         history.append(metrics)
+        if not main:
+            continue
         with metrics_file.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         tracker.log(metrics, step=epoch)

@@ -22,6 +22,7 @@ from cifar_exp import (
     budget,
     checkpoint,
     data,
+    distributed,
     interrupt,
     models,
     plots,
@@ -31,6 +32,7 @@ from cifar_exp import (
 from cifar_exp.errors import UserError, run_job
 from cifar_exp.runner import (
     EPOCH_METRICS,
+    VAL_METRICS,
     Compute,
     fit,
     resolve_compute,
@@ -88,6 +90,7 @@ class Training:
     sizes: tuple[int, int]  # training and test images
     num_params: int
     receptive_field: int
+    val_loader: Iterable | None = None  # images held out of the training set (data.val_size)
 
 
 def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None = None) -> Training:
@@ -97,21 +100,29 @@ def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None =
     bad value or a checkpoint of another model fails before the data is loaded.
     """
     validate(cfg)
-    if cfg.scheduler.monitor not in (None, *EPOCH_METRICS):
+    metric_names = EPOCH_METRICS + (VAL_METRICS if cfg.data.get("val_size") else ())
+    for key in ("scheduler.monitor", "optimized_metric"):
+        if OmegaConf.select(cfg, key) not in (None, *metric_names):
+            raise UserError(
+                f"{key}={OmegaConf.select(cfg, key)} is not a metric of this run; choose one of "
+                f"{', '.join(metric_names)} (val_* need data.val_size)"
+            )
+    trainer, ranks = cfg.trainer, distributed.current()
+    if cfg.data.batch_size % ranks.world_size:
         raise UserError(
-            f"scheduler.monitor={cfg.scheduler.monitor} is not a metric; "
-            f"choose one of {', '.join(EPOCH_METRICS)}"
+            f"data.batch_size={cfg.data.batch_size} is the batch of all {ranks.world_size} "
+            "processes together; make it a multiple of their number"
         )
-    trainer = cfg.trainer
-    compute = resolve_compute(
-        resolve_device(trainer.device), trainer.precision, trainer.channels_last, trainer.compile
-    )
+    device = distributed.rank_device(resolve_device(trainer.device), ranks)
+    compute = resolve_compute(device, trainer.precision, trainer.channels_last, trainer.compile)
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
     model = models.build(cfg.model)
     num_params, rf = budget.count_parameters(model), budget.receptive_field(model)
     log.info("Model: %s parameters, receptive field %d pixels", f"{num_params:,}", rf)
     budget.check(num_params, rf, cfg.model.get("max_params"), cfg.model.get("min_rf"))
+    if trainer.get("sync_batchnorm") and ranks.world_size > 1:
+        model = distributed.sync_batchnorm(model, device)
     optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
     if resumed:
         checkpoint.restore_model(resumed, model, ckpt_path)
@@ -130,6 +141,9 @@ def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None =
             f"but model.num_classes={num_classes}; add the missing class folders or set "
             "model.num_classes"
         )
+    val_set = None
+    if cfg.data.get("val_size"):
+        train_set, val_set = data.hold_out(train_set, cfg.data.val_size, cfg.data.val_seed)
     train_augment = instantiate(cfg.augment)
     test_augment = augment.plain(train_augment, cfg.data.mean, cfg.data.std)
     loader_args = dict(
@@ -138,22 +152,43 @@ def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None =
         seed=cfg.seed,
         device=compute.device,
     )
-    train_loader = data.make_loader(train_set, train_augment, shuffle=True, **loader_args)
+    train_loader = data.make_loader(
+        train_set, train_augment, shuffle=True, ranks=ranks, **loader_args
+    )
     test_loader = data.make_loader(test_set, test_augment, shuffle=False, **loader_args)
+    val_loader = None
+    if val_set is not None:
+        val_loader = data.make_loader(val_set, test_augment, shuffle=False, **loader_args)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
     sizes = (len(train_set.labels), len(test_set.labels))
     return Training(
         model, optimizer, scheduler, train_loader, test_loader, compute, train_set.classes, sizes,
-        num_params, rf,
+        num_params, rf, val_loader,
     )  # fmt: skip
 
 
-def train(cfg: DictConfig) -> float:
-    """Build everything the config names, train, and return the best test accuracy.
+def optimized_metric(cfg: DictConfig) -> str:
+    """What a sweeper optimises: `optimized_metric`, else val_acc with a validation set, else
+    test_acc (never the test set when searching: hparams_search sets data.val_size)."""
+    return cfg.get("optimized_metric") or ("val_acc" if cfg.data.get("val_size") else "test_acc")
 
-    With trainer.resume, continue the run in its own folder from its last checkpoint.
+
+def best_value(history: list[dict], metric: str) -> float:
+    """The best value of `metric` over the epochs: the lowest loss, the highest anything else."""
+    values = [m[metric] for m in history]
+    return min(values) if metric.endswith("loss") else max(values)
+
+
+def train(cfg: DictConfig) -> float:
+    """Build everything the config names, train, and return the best value of the optimised
+    metric (`optimized_metric`): what a Hydra sweeper (optuna) optimises.
+
+    With trainer.resume, continue the run in its own folder from its last checkpoint. Under
+    DDP (trainer.strategy=ddp) this runs in every process; rank 0 keeps the records.
     """
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ranks = distributed.setup(cfg.trainer.strategy, resolve_device(cfg.trainer.device))
+    # The other ranks' Hydra folders are throwaway ones (run_folders): use rank 0's.
+    run_dir = Path(distributed.broadcast(HydraConfig.get().runtime.output_dir))
     resumed, ckpt_path = None, None
     if cfg.trainer.resume:
         ckpt_path = run_folders.checkpoint_path(cfg.trainer.resume, run_dir)
@@ -170,7 +205,8 @@ def train(cfg: DictConfig) -> float:
     scaler = setup.compute.grad_scaler()
     history, start_epoch, best_test_acc = [], 1, -1.0
     if resumed:
-        history = checkpoint.rewind_metrics(run_dir / "metrics.jsonl", resumed["epoch"])
+        if ranks.is_main:
+            history = checkpoint.rewind_metrics(run_dir / "metrics.jsonl", resumed["epoch"])
         start_epoch, best_test_acc = resumed["epoch"] + 1, resumed["best_test_acc"]
         log.info("Resuming %s after epoch %d", run_dir, resumed["epoch"])
 
@@ -183,12 +219,14 @@ def train(cfg: DictConfig) -> float:
         run_dir,
     )
     summary_file = run_dir / "summary.txt"
-    summary_file.write_text(model_summary + "\n")
+    if ranks.is_main:
+        summary_file.write_text(model_summary + "\n")
 
     config = OmegaConf.to_container(cfg, resolve=True)
     # The W&B run ends when the block does, marked failed if it raised.
     wandb_id = resumed.get("wandb_run_id") if resumed else None
-    with tracking.start_run(cfg.logger, run_dir, config, run_id=wandb_id) as run:
+    logger_cfg = cfg.logger if ranks.is_main else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
+    with tracking.start_run(logger_cfg, run_dir, config, run_id=wandb_id) as run:
         run.summary.update({"params": setup.num_params, "receptive_field": setup.receptive_field})
         extra = {"config": config, "classes": list(setup.classes), "wandb_run_id": run.id}
         if resumed:  # the saved random-number states, last: building the run used others
@@ -214,6 +252,7 @@ def train(cfg: DictConfig) -> float:
                     best_test_acc=best_test_acc,
                     seed=cfg.seed,
                     scaler=scaler,
+                    val_loader=setup.val_loader,
                 )
         except interrupt.Interrupted as stop:
             # Mid-epoch weights, for a look; resuming restarts this epoch from last.pt.
@@ -221,7 +260,8 @@ def train(cfg: DictConfig) -> float:
                 model, optimizer, scheduler, epoch=stop.epoch, step=stop.step, scaler=scaler,
                 best_test_acc=max([best_test_acc, *(m["test_acc"] for m in history)]), **extra,
             )  # fmt: skip
-            checkpoint.save(state, run_dir / "checkpoints" / "interrupted.pt")
+            if ranks.is_main:
+                checkpoint.save(state, run_dir / "checkpoints" / "interrupted.pt")
             log.warning(
                 "%s. Weights so far: checkpoints/interrupted.pt. Continue with "
                 "trainer.resume=%s (restarts epoch %d)",
@@ -238,12 +278,15 @@ def train(cfg: DictConfig) -> float:
             "final_train_acc": history[-1]["train_acc"],
             "mean_epoch_seconds": sum(m["epoch_seconds"] for m in history) / len(history),
         }
-        with summary_file.open("a") as f:
-            f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
-        graphs = plots.plot_curves(history, run_dir / "graphs.png")
-        run.summary.update(results)
-        run.log({"graphs": wandb.Image(str(graphs))})
-        tracking.log_model(run, run_dir / "checkpoints" / "best.pt")
+        metric = optimized_metric(cfg)
+        results[f"best_{metric}"] = best_value(history, metric)
+        if ranks.is_main:
+            with summary_file.open("a") as f:
+                f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
+            graphs = plots.plot_curves(history, run_dir / "graphs.png")
+            run.summary.update(results)
+            run.log({"graphs": wandb.Image(str(graphs))})
+            tracking.log_model(run, run_dir / "checkpoints" / "best.pt")
     log.info(
         "Best test accuracy %.4f (epoch %d), final %.4f. Run folder: %s",
         results["best_test_acc"],
@@ -251,13 +294,25 @@ def train(cfg: DictConfig) -> float:
         results["final_test_acc"],
         run_dir,
     )
-    return results["best_test_acc"]
+    log.info("Optimised metric: best %s %.4f", metric, results[f"best_{metric}"])
+    return results[f"best_{metric}"]
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+# An absolute path: Hydra finds it whether this module runs as __main__ or is imported.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    return run_job(train, cfg)
+    try:
+        return run_job(train, cfg)
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":
-    main()
+    # Call `main` from the module by its import name, not as __main__: launchers that run the
+    # jobs in other processes (joblib, submitit) pickle the task by reference to its module.
+    from cifar_exp.train import main as importable_main
+
+    importable_main()

@@ -29,6 +29,8 @@ class Trainer(Section):
     channels_last: bool = True
     compile: bool | Literal["auto"] = "auto"
     threads: PositiveInt | None = None
+    strategy: Literal["single", "ddp"] = "single"
+    sync_batchnorm: bool = False
 
 
 class Data(Section):
@@ -37,6 +39,8 @@ class Data(Section):
     num_workers: int = Field(ge=0)
     limit_train: PositiveInt | None
     limit_test: PositiveInt | None
+    val_size: int | None = Field(default=None, ge=0)
+    val_seed: int = 0
 
 
 class Optimizer(Section):
@@ -50,6 +54,7 @@ class Model(Section):
 
 class TrainConfig(Section):
     seed: int
+    optimized_metric: str | None = None
     trainer: Trainer
     data: Data
     optimizer: Optimizer

@@ -1,0 +1,70 @@
+"""hparams_search=optuna: a search on the validation split, kept in an SQLite study that a
+second session continues."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import yaml
+from conftest import compose_train, data_overrides, read_metrics, run_cli
+
+from cifar_exp.train import optimized_metric
+
+
+@pytest.fixture(scope="module")
+def study_dir(cifar_root, cache_dir, tmp_path_factory):
+    """Two sessions of the same search, two trials each, on 200 real images for one epoch."""
+    out = tmp_path_factory.mktemp("search")
+    command = [
+        "hparams_search=optuna",
+        *data_overrides(cifar_root, cache_dir, train=200, test=100),
+        "data.val_size=50", "trainer.epochs=1", "logger=none", "hydra.sweeper.n_trials=2",
+        f"output_root={out}",
+    ]  # fmt: skip
+    logs = [run_cli("train", *command) for _ in range(2)]
+    return out / "optuna" / "cifar_exp", logs
+
+
+def test_second_session_continues_the_study(study_dir):
+    folder, logs = study_dir
+    study = optuna.load_study(study_name="cifar_exp", storage=f"sqlite:///{folder}/optuna.db")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert "Using an existing study" in logs[1].stderr + logs[1].stdout
+    trial_folders = sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").is_file())
+    assert len(trial_folders) == 4  # the sessions' job 0 and 1 did not share folders
+
+
+def test_trials_score_the_validation_split_not_the_test_set(study_dir):
+    folder, _ = study_dir
+    study = optuna.load_study(study_name="cifar_exp", storage=f"sqlite:///{folder}/optuna.db")
+    by_lr = {t.params["optimizer.lr"]: t.value for t in study.trials}
+    for run in (p for p in folder.iterdir() if (p / "metrics.jsonl").is_file()):
+        given = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+        overrides = dict(o.split("=", 1) for o in given)
+        (metrics,) = read_metrics(run)
+        assert by_lr[float(overrides["optimizer.lr"])] == pytest.approx(metrics["val_acc"])
+        assert 0.005 <= float(overrides["optimizer.lr"]) <= 0.2
+        assert overrides["scheduler"] in ("step", "cosine")
+
+
+def test_best_trial_is_printed_and_written_to_the_sweep_folder(study_dir):
+    folder, logs = study_dir
+    study = optuna.load_study(study_name="cifar_exp", storage=f"sqlite:///{folder}/optuna.db")
+    results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(max(t.value for t in study.trials))
+    assert results["best_params"] == study.best_trial.params
+    assert set(results["best_params"]) == {
+        "optimizer.lr", "optimizer.weight_decay", "model.dropout", "data.batch_size", "scheduler"
+    }  # fmt: skip
+    assert f"Best value: {study.best_value}" in logs[1].stderr + logs[1].stdout
+    assert not math.isnan(study.best_value)
+
+
+def test_search_optimises_the_validation_accuracy():
+    cfg = compose_train("hparams_search=optuna")
+    assert cfg.data.val_size == 5000 and optimized_metric(cfg) == "val_acc"
+    assert optimized_metric(compose_train()) == "test_acc"
+    assert optimized_metric(compose_train("data.val_size=10")) == "val_acc"
