@@ -1,4 +1,5 @@
-"""`python -m cifar_exp.bench [--repeats N] [--variants a,b] [overrides]`: training throughput.
+"""`python -m cifar_exp.bench [--repeats N] [--variants a,b] [--profile STEPS] [overrides]`:
+training throughput.
 
 Measures images per second over whole training epochs, data loading and augmentation
 included, for the naive baseline (per-image albumentations in a 2-worker DataLoader, eager
@@ -7,6 +8,7 @@ baseline on its own. The variants run interleaved in one process (a b c a b c ..
 untimed warm-up round (round 0), and every figure is a ratio to the baseline's epoch in the
 same round: absolute times on a shared machine are noise, paired ratios much less so.
 The last line printed is `speedup_vs_naive <median ratio of the defaults>`.
+`--profile STEPS` prints instead where each variant's step time goes, operator by operator.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from torch.profiler import ProfilerActivity
 
 from cifar_exp.errors import exit_on_user_error
 from cifar_exp.runner import prepare_model, seed_everything, train_epoch
@@ -33,6 +36,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 NAIVE = [
     "augment=s9", "data.num_workers=2", "data.batch_size=128", "trainer.precision=fp32",
     "trainer.channels_last=false", "trainer.compile=false", "trainer.threads=null",
+    "trainer.subsampled_convs=false", "trainer.packed_dropout=false",
 ]  # fmt: skip
 # Each variant's overrides on top of the command line's; later ones win.
 VARIANTS = {
@@ -42,6 +46,8 @@ VARIANTS = {
     "channels_last": [*NAIVE, "trainer.channels_last=true"],
     "bf16": [*NAIVE, "trainer.precision=bf16"],
     "compile": [*NAIVE, "trainer.compile=true"],
+    "subsampled_convs": [*NAIVE, "trainer.subsampled_convs=true"],
+    "packed_dropout": [*NAIVE, "trainer.packed_dropout=true"],
     "batch_512": [*NAIVE, "data.batch_size=512"],
     "threads_1": [*NAIVE, "trainer.threads=1"],
     "defaults+compile": ["trainer.compile=true"],
@@ -71,22 +77,29 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
 
 
-def run(names: list[str], overrides: list[str], repeats: int) -> dict:
-    """Build every variant, warm each up for one epoch, then time `repeats` interleaved rounds."""
+Contestant = tuple[Training, torch.nn.Module, DictConfig]
+
+
+def build_variants(names: list[str], overrides: list[str]) -> dict[str, Contestant]:
+    """Each variant's training setup, the model to call, and its config."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         configs: dict[str, DictConfig] = {
             name: compose("train", overrides=[*overrides, *VARIANTS[name], "logger=none"])
             for name in names
         }
-    default_threads = torch.get_num_threads()
     contestants = {}
     for name, cfg in configs.items():
         seed_everything(cfg.seed)
         setup = build(cfg)
         contestants[name] = (setup, prepare_model(setup.model, setup.compute), cfg)
         print(f"{name}: {setup.compute}, batch {cfg.data.batch_size}", flush=True)
+    return contestants
 
-    per_round: dict[str, list[float]] = {name: [] for name in names}
+
+def run(contestants: dict[str, Contestant], overrides: list[str], repeats: int) -> dict:
+    """Warm every variant up, then time `repeats` interleaved rounds."""
+    default_threads = torch.get_num_threads()
+    per_round: dict[str, list[float]] = {name: [] for name in contestants}
     for round_index in range(repeats + 1):
         for name, (setup, forward, cfg) in contestants.items():
             torch.set_num_threads(cfg.trainer.threads or default_threads)
@@ -124,6 +137,23 @@ def run(names: list[str], overrides: list[str], repeats: int) -> dict:
     }
 
 
+def profile(contestants: dict[str, Contestant], steps: int) -> None:
+    """Print, for each variant, the operators that took the most time over `steps` training
+    steps after 3 untimed ones (torch.profiler, time spent in the operator itself)."""
+    default_threads = torch.get_num_threads()
+    for name, (setup, forward, cfg) in contestants.items():
+        torch.set_num_threads(cfg.trainer.threads or default_threads)
+        scaler = setup.compute.grad_scaler()
+        timed_epoch(setup, forward, scaler, 3)
+        on_gpu = setup.compute.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu
+        with torch.profiler.profile(activities=activities) as profiler:
+            timed_epoch(setup, forward, scaler, steps)
+        print(f"== {name}: {steps} steps", flush=True)
+        sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=15), flush=True)
+
+
 def table(report: dict) -> str:
     lines = [
         f"{report['device']}, torch {report['torch']}, {report['train_images']} training images, "
@@ -148,6 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"comma-separated subset of: {', '.join(VARIANTS)} (naive and defaults always run)",
     )
     parser.add_argument("--out", type=Path, help="JSON file (default outputs/bench/<time>.json)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="STEPS",
+        help="instead of timing epochs, print each variant's costliest operators over STEPS steps",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every variant")
     args = parser.parse_args(argv)
     names = ["naive", "defaults"]
@@ -160,7 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         overrides = [f"data.root={os.environ['CIFAR_DATA']}", "data.format=folder", *overrides]
 
     with exit_on_user_error():
-        report = run(names, overrides, args.repeats)
+        contestants = build_variants(names, overrides)
+        if args.profile:
+            profile(contestants, args.profile)
+            return
+        report = run(contestants, overrides, args.repeats)
     out = args.out or Path("outputs/bench") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cifar_exp import checkpoint, data, distributed, interrupt
+from cifar_exp import checkpoint, data, distributed, fast_layers, interrupt
 from cifar_exp.errors import TrainingDiverged, UserError
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class Compute:
     autocast_dtype: torch.dtype | None = None  # None: plain float32
     channels_last: bool = False
     compile: bool = False
+    subsampled_convs: bool = False  # see fast_layers
+    packed_dropout: bool = False
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -112,13 +114,19 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_compute(
-    device: torch.device, precision: str, channels_last: bool, compile: bool | str
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    compile: bool | str,
+    subsampled_convs: bool | str = "auto",
+    packed_dropout: bool | str = "auto",
 ) -> Compute:
     """The trainer config's speed options for `device`; "auto" picks the measured default.
 
     precision auto: bf16 autocast where the device runs bf16 natively, else fp32.
     compile auto: on for CUDA; off elsewhere (on the CPU it did not pay back its compile time,
     see BENCHMARKS.md).
+    subsampled_convs and packed_dropout auto: on for the CPU, the only device measured.
     """
     if precision == "auto":
         precision = "bf16" if bf16_supported(device) else "fp32"
@@ -126,17 +134,29 @@ def resolve_compute(
         raise UserError(
             f"trainer.precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}"
         )
-    if compile == "auto":
-        compile = device.type == "cuda"
-    return Compute(device, PRECISIONS[precision], bool(channels_last), bool(compile))
+    on_cpu = device.type == "cpu"
+    return Compute(
+        device,
+        PRECISIONS[precision],
+        bool(channels_last),
+        compile=auto_or(compile, device.type == "cuda"),
+        subsampled_convs=auto_or(subsampled_convs, on_cpu),
+        packed_dropout=auto_or(packed_dropout, on_cpu),
+    )
+
+
+def auto_or(option: bool | str, auto: bool) -> bool:
+    """A true/false/"auto" option's value, `auto` standing for "auto"."""
+    return auto if option == "auto" else bool(option)
 
 
 def prepare_model(model: nn.Module, compute: Compute) -> nn.Module:
-    """Move the model to the device and layout; returns what to call (in DDP when several
-    processes train, compiled or not).
+    """Swap in the fast layers chosen, move the model to the device and layout; returns what
+    to call (in DDP when several processes train, compiled or not).
 
     Both share their parameters with `model`, whose state_dict stays the one to save.
     """
+    fast_layers.swap_in(model, convs=compute.subsampled_convs, dropout=compute.packed_dropout)
     model.to(compute.device, memory_format=compute.memory_format)
     forward = distributed.wrap(model, compute.device)
     return torch.compile(forward) if compute.compile else forward

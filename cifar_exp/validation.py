@@ -28,6 +28,8 @@ class Trainer(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool | Literal["auto"] = "auto"
+    subsampled_convs: bool | Literal["auto"] = "auto"
+    packed_dropout: bool | Literal["auto"] = "auto"
     threads: PositiveInt | None = None
     strategy: Literal["single", "ddp"] = "single"
     sync_batchnorm: bool = False

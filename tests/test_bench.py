@@ -31,6 +31,22 @@ def test_bench_writes_ratios_and_ends_with_the_speedup(cifar_root, cache_dir, tm
     assert all(s > 0 for s in speeds)
 
 
+def test_bench_profile_shows_where_each_variant_spends_its_steps(cifar_root, cache_dir):
+    proc = run_cli(
+        "bench", "--profile", "2", "--variants", "packed_dropout",
+        *data_overrides(cifar_root, cache_dir, 256, 100),
+    )  # fmt: skip
+    sections = dict(
+        part.split(":", 1) for part in proc.stdout.split("\n== ")[1:]
+    )  # name -> its table
+    assert list(sections) == ["naive", "defaults", "packed_dropout"]
+    assert all("Self CPU time total" in table for table in sections.values())
+    # the seed network's dropout: one random number per element in the naive path, none
+    # drawn by bernoulli once packed_dropout is on
+    assert "aten::bernoulli_" in sections["naive"]
+    assert "aten::bernoulli_" not in sections["packed_dropout"]
+
+
 def test_bench_refuses_an_unknown_variant():
     proc = run_cli("bench", "--variants", "warp_drive", check=False)
     assert proc.returncode == 2 and "unknown variants ['warp_drive']" in proc.stderr
@@ -43,12 +59,16 @@ def test_bench_refuses_an_unknown_variant():
         dict(precision="bf16", channels_last=True, compile=False),
         dict(precision="fp16", channels_last=False, compile=False),  # with loss scaling
         dict(precision="fp32", channels_last=False, compile=True),
+        dict(precision="fp32", channels_last=False, compile=False, subsampled_convs=True),
+        dict(precision="bf16", channels_last=True, compile=False, packed_dropout=True),
     ],
 )
 def test_every_speed_option_trains_on_the_cpu(options):
-    compute = resolve_compute(torch.device("cpu"), **options)
+    compute = resolve_compute(
+        torch.device("cpu"), **{"subsampled_convs": False, "packed_dropout": False, **options}
+    )
     torch.manual_seed(0)
-    model = ConvNet([{"convs": [8], "transition": {"channels": 16, "type": "strided"}}])
+    model = ConvNet([{"convs": [8], "transition": {"channels": 16}}], dropout=0.1)
     forward = prepare_model(model, compute)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     images, labels = torch.randn(64, 3, 32, 32), torch.arange(64) % 10
@@ -63,7 +83,7 @@ def test_every_speed_option_trains_on_the_cpu(options):
 
 def test_auto_compute_follows_the_device(monkeypatch):
     cpu = resolve_compute(torch.device("cpu"), "auto", True, "auto")
-    assert not cpu.compile
+    assert not cpu.compile and cpu.subsampled_convs and cpu.packed_dropout
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert cpu.autocast_dtype == (torch.bfloat16 if bf16 else None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
