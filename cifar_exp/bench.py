@@ -77,11 +77,12 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
 
 
-Contestant = tuple[Training, torch.nn.Module, DictConfig]
+Contestant = tuple[Training, torch.nn.Module, int]
 
 
 def build_variants(names: list[str], overrides: list[str]) -> dict[str, Contestant]:
-    """Each variant's training setup, the model to call, and its config."""
+    """Each variant's training setup, the model to call, and its CPU thread count."""
+    default_threads = torch.get_num_threads()  # before a variant's build sets its own
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         configs: dict[str, DictConfig] = {
             name: compose("train", overrides=[*overrides, *VARIANTS[name], "logger=none"])
@@ -91,18 +92,20 @@ def build_variants(names: list[str], overrides: list[str]) -> dict[str, Contesta
     for name, cfg in configs.items():
         seed_everything(cfg.seed)
         setup = build(cfg)
-        contestants[name] = (setup, prepare_model(setup.model, setup.compute), cfg)
-        print(f"{name}: {setup.compute}, batch {cfg.data.batch_size}", flush=True)
+        threads = cfg.trainer.threads or default_threads
+        contestants[name] = (setup, prepare_model(setup.model, setup.compute), threads)
+        print(
+            f"{name}: {setup.compute}, batch {cfg.data.batch_size}, {threads} threads", flush=True
+        )
     return contestants
 
 
 def run(contestants: dict[str, Contestant], overrides: list[str], repeats: int) -> dict:
     """Warm every variant up, then time `repeats` interleaved rounds."""
-    default_threads = torch.get_num_threads()
     per_round: dict[str, list[float]] = {name: [] for name in contestants}
     for round_index in range(repeats + 1):
-        for name, (setup, forward, cfg) in contestants.items():
-            torch.set_num_threads(cfg.trainer.threads or default_threads)
+        for name, (setup, forward, threads) in contestants.items():
+            torch.set_num_threads(threads)
             # Round 0 warms up (caches, kernels): a few batches, or a whole epoch when
             # compiling, so that the last, smaller batch is compiled before timing too.
             warmup = round_index == 0 and not setup.compute.compile
@@ -119,6 +122,7 @@ def run(contestants: dict[str, Contestant], overrides: list[str], repeats: int) 
         results[name] = {
             "overrides": VARIANTS[name],
             "compute": str(contestants[name][0].compute),
+            "threads": contestants[name][2],
             "images_per_second": speeds,
             "ratio_vs_naive": {
                 "min": min(ratios),
@@ -140,9 +144,8 @@ def run(contestants: dict[str, Contestant], overrides: list[str], repeats: int) 
 def profile(contestants: dict[str, Contestant], steps: int) -> None:
     """Print, for each variant, the operators that took the most time over `steps` training
     steps after 3 untimed ones (torch.profiler, time spent in the operator itself)."""
-    default_threads = torch.get_num_threads()
-    for name, (setup, forward, cfg) in contestants.items():
-        torch.set_num_threads(cfg.trainer.threads or default_threads)
+    for name, (setup, forward, threads) in contestants.items():
+        torch.set_num_threads(threads)
         scaler = setup.compute.grad_scaler()
         timed_epoch(setup, forward, scaler, 3)
         on_gpu = setup.compute.device.type == "cuda"

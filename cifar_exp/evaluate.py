@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def predict(
-    checkpoint: dict, data_cfg: DictConfig, device_name: str = "auto"
+    checkpoint: dict, data_cfg: DictConfig, device_name: str = "auto", flip: bool | None = None
 ) -> tuple[data.ImageSet, float, torch.Tensor, torch.Tensor]:
-    """Run the checkpoint's model over the test split of `data_cfg`.
+    """Run the checkpoint's model over the test split of `data_cfg`, with test-time flips
+    if `flip` (None: if its training run tested with them).
 
     Returns the test images, the mean loss, and the predicted and true class of every image.
     """
@@ -49,7 +50,9 @@ def predict(
         seed=0,
         device=compute.device,
     )
-    loss, predictions, targets = evaluate(prepare_model(model, compute), loader, compute)
+    if flip is None:
+        flip = trainer.get("test_flip", False)
+    loss, predictions, targets = evaluate(prepare_model(model, compute), loader, compute, flip)
     return test_set, loss, predictions, targets
 
 
@@ -57,7 +60,7 @@ def score(cfg: DictConfig) -> dict:
     """Accuracy of the checkpoint's model on the test split, overall and per class."""
     ckpt_path = Path(cfg.ckpt).expanduser()
     checkpoint = load(ckpt_path, option="ckpt")
-    test_set, loss, predictions, targets = predict(checkpoint, cfg.data, cfg.device)
+    test_set, loss, predictions, targets = predict(checkpoint, cfg.data, cfg.device, cfg.flip)
     correct = predictions == targets
     per_class = {
         name: correct[targets == i].float().mean().item() for i, name in enumerate(test_set.classes)

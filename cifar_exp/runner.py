@@ -172,15 +172,20 @@ def to_device(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable, compute: Compute
+    model: nn.Module, loader: Iterable, compute: Compute, flip: bool = False
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the loader, and the predicted and true class of every image."""
+    """Mean cross-entropy over the loader, and the predicted and true class of every image.
+
+    `flip`: test-time augmentation, each image's logits averaged with its mirror image's.
+    """
     model.eval()
     loss_sum, predictions, targets = 0.0, [], []
     for images, labels in loader:
         images, labels = to_device(images, labels, compute)
         with compute.autocast():
             logits = model(images)
+            if flip:
+                logits = (logits + model(images.flip(3))) / 2
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         predictions.append(logits.argmax(1))
         targets.append(labels)
@@ -264,6 +269,7 @@ def fit(
     seed: int | None = None,
     scaler: torch.amp.GradScaler | None = None,
     val_loader: Iterable | None = None,
+    test_flip: bool = False,
 ) -> list[dict]:
     """Train for `epochs`, testing after each; returns the per-epoch metrics.
 
@@ -274,6 +280,7 @@ def fit(
     out of the training set) each epoch also records VAL_METRICS. Under DDP (`distributed`)
     every rank trains on its share of each batch and tests on the whole test set, the
     training metrics are summed over the ranks, and only rank 0 writes and logs.
+    `test_flip` averages each test and validation image's logits with its mirror image's.
 
     A resumed run starts at `start_epoch` with the checkpoint's `best_test_acc` (and its
     `scaler`, for float16). With a
@@ -306,7 +313,7 @@ def fit(
             )  # fmt: skip
         train_seconds = time.perf_counter() - start
 
-        test_loss, predictions, targets = evaluate(forward, test_loader, compute)
+        test_loss, predictions, targets = evaluate(forward, test_loader, compute, test_flip)
         metrics = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -318,7 +325,7 @@ def fit(
             "images_per_second": seen / train_seconds,
         }
         if val_loader is not None:
-            val_loss, predictions, targets = evaluate(forward, val_loader, compute)
+            val_loss, predictions, targets = evaluate(forward, val_loader, compute, test_flip)
             val_acc = (predictions == targets).float().mean().item()
             metrics.update(zip(VAL_METRICS, (val_loss, val_acc), strict=True))
         if scheduler_interval == "epoch":

@@ -260,6 +260,7 @@ def train(cfg: DictConfig) -> float:
                     seed=cfg.seed,
                     scaler=scaler,
                     val_loader=setup.val_loader,
+                    test_flip=cfg.trainer.test_flip,
                 )
         except interrupt.Interrupted as stop:
             # Mid-epoch weights, for a look; resuming restarts this epoch from last.pt.

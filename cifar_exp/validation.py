@@ -25,6 +25,7 @@ class Trainer(Section):
     progress: bool
     resume: str | None = None
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    test_flip: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool | Literal["auto"] = "auto"

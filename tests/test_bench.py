@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import data_overrides, run_cli
 
+from cifar_exp.bench import build_variants
 from cifar_exp.models import ConvNet
 from cifar_exp.runner import Compute, UserError, prepare_model, resolve_compute, train_epoch
 
@@ -45,6 +46,22 @@ def test_bench_profile_shows_where_each_variant_spends_its_steps(cifar_root, cac
     # drawn by bernoulli once packed_dropout is on
     assert "aten::bernoulli_" in sections["naive"]
     assert "aten::bernoulli_" not in sections["packed_dropout"]
+
+
+def test_bench_variants_keep_the_process_threads_unless_they_set_their_own(cifar_root, cache_dir):
+    threads = torch.get_num_threads()
+    try:
+        # threads_1 first: building it sets PyTorch's threads, which must not leak
+        contestants = build_variants(
+            ["threads_1", "naive", "defaults"], data_overrides(cifar_root, cache_dir, 256, 100)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert {name: c[2] for name, c in contestants.items()} == {
+        "threads_1": 1,
+        "naive": threads,
+        "defaults": threads,
+    }
 
 
 def test_bench_refuses_an_unknown_variant():

@@ -5,12 +5,20 @@ from __future__ import annotations
 import albumentations as A
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import MEAN, STD, read_metrics
 from torch.utils.data import DataLoader, TensorDataset
 
 from cifar_exp import augment, data
 from cifar_exp.models import ConvNet
-from cifar_exp.runner import EPOCH_METRICS, Compute, fit, resolve_device, seed_everything
+from cifar_exp.runner import (
+    EPOCH_METRICS,
+    Compute,
+    evaluate,
+    fit,
+    resolve_device,
+    seed_everything,
+)
 
 CPU = Compute(torch.device("cpu"))
 BLOCKS = [{"convs": [8], "transition": {"channels": 16, "type": "strided"}}]
@@ -108,6 +116,19 @@ def seeded_history(subset, seed, tmp_path):
     )  # fmt: skip
     torch.use_deterministic_algorithms(False)
     return [(m["train_loss"], m["test_loss"]) for m in history]
+
+
+def test_test_flip_averages_each_image_with_its_mirror_image():
+    torch.manual_seed(0)
+    model = ConvNet(BLOCKS).eval()
+    loader = random_loader(n=32, batch_size=16)
+    images, labels = (torch.cat(parts) for parts in zip(*loader, strict=True))
+    with torch.no_grad():
+        plain, averaged = model(images), (model(images) + model(images.flip(3))) / 2
+    for flip, logits in ((False, plain), (True, averaged)):
+        loss, predictions, targets = evaluate(model, loader, CPU, flip=flip)
+        assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+        assert torch.equal(predictions, logits.argmax(1)) and torch.equal(targets, labels)
 
 
 def test_same_seed_same_numbers(cifar_root, cache_dir, tmp_path):
