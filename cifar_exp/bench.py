@@ -3,11 +3,11 @@ training throughput.
 
 Measures images per second over whole training epochs, data loading and augmentation
 included, for the naive baseline (per-image albumentations in a 2-worker DataLoader, eager
-float32, NCHW, batch 128), the framework's defaults, and each speed option added to the
-baseline on its own. The variants run interleaved in one process (a b c a b c ...), after an
-untimed warm-up round (round 0), and every figure is a ratio to the baseline's epoch in the
-same round: absolute times on a shared machine are noise, paired ratios much less so.
-The last line printed is `speedup_vs_naive <median ratio of the defaults>`.
+float32, NCHW, batch 128, PyTorch's own layers), the framework's defaults, and each speed
+option added to the baseline on its own. The variants run interleaved in one process
+(a b c a b c ...), after an untimed warm-up round (round 0), and every figure is a ratio to
+the baseline's epoch in the same round: absolute times on a shared machine are noise, paired
+ratios much less so. The last line printed is `speedup_vs_naive <median ratio of the defaults>`.
 `--profile STEPS` prints instead where each variant's step time goes, operator by operator.
 """
 

@@ -29,11 +29,12 @@ def predict(
     """
     model = models.build(checkpoint["config"]["model"])
     model.load_state_dict(checkpoint["model"])
-    # The training run's precision and layout, so its test accuracy is reproduced exactly.
+    # The training run's precision, layout and test-time flips, so its test accuracy is
+    # reproduced exactly (no compiling for one pass).
     trainer = checkpoint["config"]["trainer"]
-    compute = resolve_compute(
-        resolve_device(device_name), trainer["precision"], trainer["channels_last"], compile=False
-    )
+    compute = resolve_compute(resolve_device(device_name), {**trainer, "compile": False})
+    if flip is None:
+        flip = trainer.get("test_flip", False)
 
     test_set = data.load(data_cfg, "test")
     trained_classes = tuple(checkpoint["classes"])
@@ -50,8 +51,6 @@ def predict(
         seed=0,
         device=compute.device,
     )
-    if flip is None:
-        flip = trainer.get("test_flip", False)
     loss, predictions, targets = evaluate(prepare_model(model, compute), loader, compute, flip)
     return test_set, loss, predictions, targets
 

@@ -7,7 +7,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,21 +113,16 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def resolve_compute(
-    device: torch.device,
-    precision: str,
-    channels_last: bool,
-    compile: bool | str,
-    subsampled_convs: bool | str = "auto",
-    packed_dropout: bool | str = "auto",
-) -> Compute:
-    """The trainer config's speed options for `device`; "auto" picks the measured default.
+def resolve_compute(device: torch.device, options: Mapping[str, Any]) -> Compute:
+    """The speed options of a trainer config (`options`) for `device`; an option missing (a
+    checkpoint older than it) or "auto" takes the measured default.
 
     precision auto: bf16 autocast where the device runs bf16 natively, else fp32.
     compile auto: on for CUDA; off elsewhere (on the CPU it did not pay back its compile time,
     see BENCHMARKS.md).
     subsampled_convs and packed_dropout auto: on for the CPU, the only device measured.
     """
+    precision = options.get("precision", "auto")
     if precision == "auto":
         precision = "bf16" if bf16_supported(device) else "fp32"
     if precision not in PRECISIONS:
@@ -135,19 +130,19 @@ def resolve_compute(
             f"trainer.precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}"
         )
     on_cpu = device.type == "cpu"
+
+    def choice(key: str, auto: bool) -> bool:
+        value = options.get(key, "auto")
+        return auto if value == "auto" else bool(value)
+
     return Compute(
         device,
         PRECISIONS[precision],
-        bool(channels_last),
-        compile=auto_or(compile, device.type == "cuda"),
-        subsampled_convs=auto_or(subsampled_convs, on_cpu),
-        packed_dropout=auto_or(packed_dropout, on_cpu),
+        channels_last=bool(options.get("channels_last", True)),
+        compile=choice("compile", device.type == "cuda"),
+        subsampled_convs=choice("subsampled_convs", on_cpu),
+        packed_dropout=choice("packed_dropout", on_cpu),
     )
-
-
-def auto_or(option: bool | str, auto: bool) -> bool:
-    """A true/false/"auto" option's value, `auto` standing for "auto"."""
-    return auto if option == "auto" else bool(option)
 
 
 def prepare_model(model: nn.Module, compute: Compute) -> nn.Module:

@@ -114,14 +114,7 @@ def build(cfg: DictConfig, resumed: dict | None = None, ckpt_path: Path | None =
             "processes together; make it a multiple of their number"
         )
     device = distributed.rank_device(resolve_device(trainer.device), ranks)
-    compute = resolve_compute(
-        device,
-        trainer.precision,
-        trainer.channels_last,
-        trainer.compile,
-        trainer.subsampled_convs,
-        trainer.packed_dropout,
-    )
+    compute = resolve_compute(device, trainer)
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
     model = models.build(cfg.model)

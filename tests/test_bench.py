@@ -82,7 +82,7 @@ def test_bench_refuses_an_unknown_variant():
 )
 def test_every_speed_option_trains_on_the_cpu(options):
     compute = resolve_compute(
-        torch.device("cpu"), **{"subsampled_convs": False, "packed_dropout": False, **options}
+        torch.device("cpu"), {"subsampled_convs": False, "packed_dropout": False, **options}
     )
     torch.manual_seed(0)
     model = ConvNet([{"convs": [8], "transition": {"channels": 16}}], dropout=0.1)
@@ -99,12 +99,13 @@ def test_every_speed_option_trains_on_the_cpu(options):
 
 
 def test_auto_compute_follows_the_device(monkeypatch):
-    cpu = resolve_compute(torch.device("cpu"), "auto", True, "auto")
+    cpu = resolve_compute(torch.device("cpu"), {})  # all auto, as a checkpoint without them
     assert not cpu.compile and cpu.subsampled_convs and cpu.packed_dropout
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert cpu.autocast_dtype == (torch.bfloat16 if bf16 else None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    cuda = resolve_compute(torch.device("cuda"), "auto", True, "auto")
+    cuda = resolve_compute(torch.device("cuda"), {"precision": "auto", "compile": "auto"})
     assert cuda == Compute(torch.device("cuda"), torch.bfloat16, True, True)
+    assert not resolve_compute(torch.device("cpu"), {"packed_dropout": False}).packed_dropout
     with pytest.raises(UserError, match="trainer.precision must be auto or one of"):
-        resolve_compute(torch.device("cpu"), "fp8", True, False)
+        resolve_compute(torch.device("cpu"), {"precision": "fp8"})

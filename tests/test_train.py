@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import data_overrides, read_metrics, run_cli, wandb_records
+from conftest import compose_train, data_overrides, read_metrics, run_cli, wandb_records
+
+from cifar_exp.checkpoint import load
+from cifar_exp.evaluate import predict
 
 # The list, written out: a change to runner.EPOCH_METRICS must be deliberate.
 METRIC_KEYS = {
@@ -126,6 +129,17 @@ def test_two_job_multirun_gives_two_wandb_runs_in_one_group(cifar_root, cache_di
     for run in runs:
         assert len(read_metrics(run)) == 1
         assert any(r["type"] == "exit" for r in wandb_records(run))  # each run finished
+
+
+def test_evaluate_flips_as_the_checkpoints_run_did_unless_told(smoke_run, cifar_root, cache_dir):
+    checkpoint = load(smoke_run / "checkpoints" / "best.pt", option="ckpt")
+    data_cfg = compose_train(*data_overrides(cifar_root, cache_dir, train=10, test=200)).data
+    _, plain_loss, *_ = predict(checkpoint, data_cfg)  # the smoke run tested without flips
+    _, flipped_loss, *_ = predict(checkpoint, data_cfg, flip=True)
+    checkpoint["config"]["trainer"]["test_flip"] = True
+    _, default_loss, *_ = predict(checkpoint, data_cfg)
+    assert default_loss == flipped_loss != plain_loss
+    assert predict(checkpoint, data_cfg, flip=False)[1] == plain_loss
 
 
 def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):
