@@ -1,43 +1,116 @@
 """Train-time augmentation, in two implementations of the same recipe.
 
-`pipeline`: albumentations, one uint8 HWC image at a time in DataLoader workers; the reference.
+`Pipeline`: albumentations, one uint8 HWC image at a time in DataLoader workers; the reference.
 `BatchAugment`: tensor operations on a whole uint8 NCHW batch on its device; the fast path.
-The transforms are listed in `conf/augment/<option>.yaml`; `plain` gives the test-time
-counterpart of either, so train and test normalise identically.
+The transforms are listed in `conf/augment/<option>.yaml`. Each kind knows its test-time
+counterpart (`test_time`: the same normalisation, nothing else), the loader that feeds it
+(`loader`) and whether it fits the images (`check`).
 """
 
 from __future__ import annotations
 
+import copy
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import albumentations as A
+import numpy as np
 import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 
+from cifar_exp import distributed
+from cifar_exp.data import ImageSet
+from cifar_exp.errors import UserError
+from cifar_exp.loaders import TensorLoader, WorkerLoader
 
-def pipeline(
-    mean: Sequence[float],
-    std: Sequence[float],
-    before_normalize: Sequence[A.BasicTransform] = (),
-    after_normalize: Sequence[A.BasicTransform] = (),
-) -> A.Compose:
-    """Augment, normalise to the data set's mean and std, augment more, convert to a tensor.
+
+class Augmentation(ABC):
+    """What the builder asks of every augmentation: the loader that feeds it (`Loader`), its
+    test-time counterpart, and whether it fits the images."""
+
+    Loader: ClassVar[type[TensorLoader | WorkerLoader]]
+
+    def loader(
+        self,
+        data: ImageSet,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        device: torch.device,
+        num_workers: int = 0,
+        ranks: distributed.Ranks | None = None,
+    ) -> TensorLoader | WorkerLoader:
+        """Batches of `data` (all of it, or this rank's share) augmented by this."""
+        return self.Loader(
+            data, self, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device,
+            num_workers=num_workers, ranks=ranks,
+        )  # fmt: skip
+
+    @abstractmethod
+    def test_time(self) -> Augmentation:
+        """The same normalisation and nothing else."""
+
+    @abstractmethod
+    def check(self, image_size: int) -> None:
+        """Refuse parameters that do not fit images of `image_size` pixels."""
+
+
+class Pipeline(Augmentation):
+    """Augment, normalise to the data set's mean and std, augment more, convert to a tensor:
+    an albumentations pipeline, called on one uint8 HWC image at a time.
 
     Transforms after normalisation see 0 where the data set's mean colour is, which is how a
-    cutout hole gets filled with the mean.
+    cutout hole gets filled with the mean. Its loader runs it image by image in DataLoader
+    workers and hands CPU tensors to the loop.
     """
-    return A.Compose(
-        [
-            *before_normalize,
-            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
-            *after_normalize,
-            ToTensorV2(),
-        ]
-    )
+
+    Loader = WorkerLoader
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        before_normalize: Sequence[A.BasicTransform] = (),
+        after_normalize: Sequence[A.BasicTransform] = (),
+    ) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.compose = A.Compose(
+            [
+                *before_normalize,
+                A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0),
+                *after_normalize,
+                ToTensorV2(),
+            ]
+        )
+
+    def __call__(self, **data: np.ndarray) -> dict:
+        return self.compose(**data)
+
+    def set_random_seed(self, seed: int) -> None:
+        self.compose.set_random_seed(seed)
+
+    def test_time(self) -> Pipeline:
+        return Pipeline(self.mean, self.std)
+
+    def check(self, image_size: int) -> None:
+        """Apply every transform once (whatever its probability) to an image of the data's
+        size: a hole or crop larger than the image fails here, not in a worker mid-epoch."""
+        image: np.ndarray = np.zeros((image_size, image_size, len(self.mean)), np.uint8)
+        for transform in copy.deepcopy(self.compose.transforms):
+            transform.p = 1.0
+            try:
+                image = transform(image=image)["image"]
+            except Exception as err:  # noqa: BLE001 - albumentations raises many types
+                raise UserError(
+                    f"augment: {type(transform).__name__} cannot run on {image_size}x"
+                    f"{image_size} images (data.image_size): {err}; change its parameters"
+                ) from None
 
 
-class BatchAugment:
+class BatchAugment(Augmentation):
     """The s9 augmentations as tensor operations on a whole batch, on the batch's device.
 
     uint8 NCHW images in, normalised float images out. Every image draws its own parameters:
@@ -46,8 +119,11 @@ class BatchAugment:
     +-`rotate` degrees about the centre, with reflected borders, like the reference's Affine;
     and with probability `cutout_p` one `cutout_size` square hole inside the image, filled
     with the mean.
-    With the default arguments it only normalises (the test-time counterpart).
+    With the default arguments it only normalises (the test-time counterpart). Its loader
+    holds the whole split on the training device and slices batches there.
     """
+
+    Loader = TensorLoader
 
     def __init__(
         self,
@@ -61,14 +137,35 @@ class BatchAugment:
         cutout_p: float = 0.0,
         cutout_size: int = 16,
     ) -> None:
+        for name, p in (("flip_p", flip_p), ("affine_p", affine_p), ("cutout_p", cutout_p)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"augment.{name}={p} is a probability: choose it in [0, 1]")
+        if not 0 <= translate < 1:
+            raise ValueError(f"augment.translate={translate} is a fraction of the image: [0, 1)")
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"augment.scale={list(scale)} must be [low, high], 0 < low <= high")
+        if cutout_size < 1:
+            raise ValueError(f"augment.cutout_size={cutout_size} must be at least 1 pixel")
         self.mean, self.std = tuple(mean), tuple(std)
         self.flip_p, self.affine_p, self.cutout_p = flip_p, affine_p, cutout_p
         self.translate, self.scale, self.rotate = translate, tuple(scale), rotate
         self.cutout_size = cutout_size
 
+    def test_time(self) -> BatchAugment:
+        return BatchAugment(self.mean, self.std)
+
+    def check(self, image_size: int) -> None:
+        """The cutout hole must fit inside the image."""
+        if self.cutout_p and self.cutout_size > image_size:
+            raise UserError(
+                f"augment.cutout_size={self.cutout_size} is larger than the {image_size}-pixel "
+                "images (data.image_size); make it smaller, or augment.cutout_p=0"
+            )
+
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        """uint8 NCHW images in, augmented and normalised float images out."""
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         x = (images.float() / 255 - mean) / std
@@ -117,10 +214,3 @@ class BatchAugment:
         in_cols = (cols >= left) & (cols < left + size)
         hole = in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]
         return x.masked_fill(hole[:, None], 0.0)  # 0 is the mean after normalisation
-
-
-def plain(train_augment: A.Compose | BatchAugment, mean: Sequence[float], std: Sequence[float]):
-    """The test-time counterpart of a train-time augmentation: normalisation only, same kind."""
-    if isinstance(train_augment, BatchAugment):
-        return BatchAugment(mean, std)
-    return pipeline(mean, std)

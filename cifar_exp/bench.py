@@ -28,9 +28,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity
 
+from cifar_exp.builder import Training, build
+from cifar_exp.compute import seed_everything
 from cifar_exp.errors import exit_on_user_error
-from cifar_exp.runner import prepare_model, seed_everything, train_epoch
-from cifar_exp.train import Training, build
+from cifar_exp.loop import train_epoch
+from cifar_exp.validation import validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 NAIVE = [
@@ -55,17 +57,15 @@ VARIANTS = {
 }
 
 
-def timed_epoch(
-    setup: Training, forward: torch.nn.Module, scaler: torch.amp.GradScaler, batches: int | None
-) -> float:
+def timed_epoch(training: Training, batches: int | None) -> float:
     """Images per second over one training epoch (or its first `batches`), waiting for the
     device at both ends."""
-    device = setup.compute.device
-    loader = itertools.islice(setup.train_loader, batches)
+    device = training.trainee.compute.device
+    loader = itertools.islice(training.loaders.train, batches)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    _, _, seen = train_epoch(forward, setup.optimizer, loader, setup.compute, scaler)
+    _, _, seen = train_epoch(training.trainee, loader)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return seen / (time.perf_counter() - start)
@@ -77,11 +77,11 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
 
 
-Contestant = tuple[Training, torch.nn.Module, int]
+Contestant = tuple[Training, int]
 
 
 def build_variants(names: list[str], overrides: list[str]) -> dict[str, Contestant]:
-    """Each variant's training setup, the model to call, and its CPU thread count."""
+    """Each variant's training setup and its CPU thread count."""
     default_threads = torch.get_num_threads()  # before a variant's build sets its own
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         configs: dict[str, DictConfig] = {
@@ -90,13 +90,13 @@ def build_variants(names: list[str], overrides: list[str]) -> dict[str, Contesta
         }
     contestants = {}
     for name, cfg in configs.items():
-        seed_everything(cfg.seed)
-        setup = build(cfg)
-        threads = cfg.trainer.threads or default_threads
-        contestants[name] = (setup, prepare_model(setup.model, setup.compute), threads)
-        print(
-            f"{name}: {setup.compute}, batch {cfg.data.batch_size}, {threads} threads", flush=True
-        )
+        settings = validate(cfg)
+        seed_everything(settings.seed)
+        training = build(cfg, settings)
+        threads = settings.trainer.threads or default_threads
+        contestants[name] = (training, threads)
+        compute = training.trainee.compute
+        print(f"{name}: {compute}, batch {settings.data.batch_size}, {threads} threads", flush=True)
     return contestants
 
 
@@ -104,25 +104,25 @@ def run(contestants: dict[str, Contestant], overrides: list[str], repeats: int) 
     """Warm every variant up, then time `repeats` interleaved rounds."""
     per_round: dict[str, list[float]] = {name: [] for name in contestants}
     for round_index in range(repeats + 1):
-        for name, (setup, forward, threads) in contestants.items():
+        for name, (training, threads) in contestants.items():
             torch.set_num_threads(threads)
             # Round 0 warms up (caches, kernels): a few batches, or a whole epoch when
             # compiling, so that the last, smaller batch is compiled before timing too.
-            warmup = round_index == 0 and not setup.compute.compile
-            speed = timed_epoch(setup, forward, setup.compute.grad_scaler(), 3 if warmup else None)
+            warmup = round_index == 0 and not training.trainee.compute.compile
+            speed = timed_epoch(training, 3 if warmup else None)
             print(f"round {round_index} {name}: {speed:.0f} images/s", flush=True)
             if round_index:
                 per_round[name].append(speed)
 
     baseline = per_round["naive"]
-    device = contestants["naive"][0].compute.device
+    device = contestants["naive"][0].trainee.compute.device
     results = {}
     for name, speeds in per_round.items():
         ratios = [s / b for s, b in zip(speeds, baseline, strict=True)]
         results[name] = {
             "overrides": VARIANTS[name],
-            "compute": str(contestants[name][0].compute),
-            "threads": contestants[name][2],
+            "compute": str(contestants[name][0].trainee.compute),
+            "threads": contestants[name][1],
             "images_per_second": speeds,
             "ratio_vs_naive": {
                 "min": min(ratios),
@@ -144,14 +144,13 @@ def run(contestants: dict[str, Contestant], overrides: list[str], repeats: int) 
 def profile(contestants: dict[str, Contestant], steps: int) -> None:
     """Print, for each variant, the operators that took the most time over `steps` training
     steps after 3 untimed ones (torch.profiler, time spent in the operator itself)."""
-    for name, (setup, forward, threads) in contestants.items():
+    for name, (training, threads) in contestants.items():
         torch.set_num_threads(threads)
-        scaler = setup.compute.grad_scaler()
-        timed_epoch(setup, forward, scaler, 3)
-        on_gpu = setup.compute.device.type == "cuda"
+        timed_epoch(training, 3)
+        on_gpu = training.trainee.compute.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu
         with torch.profiler.profile(activities=activities) as profiler:
-            timed_epoch(setup, forward, scaler, steps)
+            timed_epoch(training, steps)
         print(f"== {name}: {steps} steps", flush=True)
         sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort_by, row_limit=15), flush=True)

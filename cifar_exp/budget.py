@@ -6,10 +6,15 @@ way, whatever its YAML says.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from cifar_exp.errors import UserError
+
+if TYPE_CHECKING:
+    from cifar_exp.validation import Budget
 
 # Layers that move the receptive field: everything else (norms, activations, dropout) keeps it.
 SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
@@ -25,7 +30,7 @@ def first(value: int | tuple[int, ...]) -> int:
     return value[0] if isinstance(value, tuple) else value
 
 
-def spatial_layers(model: nn.Module, image_size: int = 32) -> list[nn.Module]:
+def spatial_layers(model: nn.Module, image_shape: tuple[int, int, int]) -> list[nn.Module]:
     """The convolutions and pools in the order a forward pass runs them, up to global pooling."""
     order: list[nn.Module] = []
     hooks = [
@@ -38,7 +43,13 @@ def spatial_layers(model: nn.Module, image_size: int = 32) -> list[nn.Module]:
         model.eval()
         param = next(model.parameters())
         with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=param.device))
+            model(torch.zeros(1, *image_shape, device=param.device))
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise UserError(
+            f"the network cannot run on {'x'.join(map(str, image_shape))} images "
+            f"(channels x height x width): {first_line}; change its blocks or transitions"
+        ) from None
     finally:
         for hook in hooks:
             hook.remove()
@@ -47,7 +58,7 @@ def spatial_layers(model: nn.Module, image_size: int = 32) -> list[nn.Module]:
     return order[:global_at]
 
 
-def receptive_field(model: nn.Module, image_size: int = 32) -> int:
+def receptive_field(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
     """Side in input pixels of the region one unit of the last map before global pooling sees.
 
     Each layer widens it by (effective kernel - 1) times the product of the strides before it,
@@ -55,7 +66,7 @@ def receptive_field(model: nn.Module, image_size: int = 32) -> int:
     image's edges are not counted, so it may exceed the image.
     """
     field, jump = 1, 1
-    for layer in spatial_layers(model, image_size):
+    for layer in spatial_layers(model, image_shape):
         kernel, stride = first(layer.kernel_size), first(layer.stride)
         dilation = first(getattr(layer, "dilation", 1))  # AvgPool2d has none
         field += dilation * (kernel - 1) * jump
@@ -63,16 +74,19 @@ def receptive_field(model: nn.Module, image_size: int = 32) -> int:
     return field
 
 
-def check(num_params: int, rf: int, max_params: int | None, min_rf: int | None) -> None:
-    """Refuse a network over the parameter budget or under the required receptive field."""
+def enforce(model: nn.Module, limits: Budget, image_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """The network's parameters and receptive field (on images of `image_shape`); refuses a
+    network over `limits.max_params` or under `limits.min_rf`."""
+    num_params, rf = count_parameters(model), receptive_field(model, image_shape)
     problems = []
-    if max_params is not None and num_params > max_params:
-        problems.append(f"{num_params:,} parameters, over model.max_params={max_params:,}")
-    if min_rf is not None and rf < min_rf:
-        problems.append(f"receptive field {rf} pixels, under model.min_rf={min_rf}")
+    if limits.max_params is not None and num_params > limits.max_params:
+        problems.append(f"{num_params:,} parameters, over budget.max_params={limits.max_params:,}")
+    if limits.min_rf is not None and rf < limits.min_rf:
+        problems.append(f"receptive field {rf} pixels, under budget.min_rf={limits.min_rf}")
     if problems:
         raise UserError(
             "The network is outside its budget: "
             + "; ".join(problems)
-            + ". Change the model, or the limits (model.max_params=N model.min_rf=N)."
+            + ". Change the model, or the limits (budget.max_params=N budget.min_rf=N)."
         )
+    return num_params, rf

@@ -1,27 +1,33 @@
-"""Checkpoints a run resumes from exactly: written atomically, loaded without running code.
+"""The checkpoint file: what it holds, written atomically, read without running code.
 
-A checkpoint holds the model, optimizer, scheduler and (with mixed precision) GradScaler
-state, the epoch, the best test accuracy, the random-number states of Python, NumPy and
-PyTorch (CPU and CUDA), the resolved config and the W&B run id.
+A checkpoint holds the trainee's state (model, optimizer, scheduler and, with float16, the
+GradScaler), the epoch, the random-number states of Python, NumPy and PyTorch (CPU and CUDA),
+and what the run record adds: the resolved config, the classes, the W&B run id, the metrics
+of its epoch and the monitored metric's best so far. Checkpoints written by earlier versions
+are brought up to date as they are read (`migrate`).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from cifar_exp.errors import UserError
 
+if TYPE_CHECKING:
+    from cifar_exp.loop import Trainee
+
 # What every checkpoint written by cifar_exp.train holds, at least.
-REQUIRED_KEYS = frozenset({"model", "optimizer", "scheduler", "epoch", "best_test_acc", "config"})
+REQUIRED_KEYS = frozenset({"model", "optimizer", "scheduler", "epoch", "config"})
+# Config targets renamed since checkpoints were first written: old name -> new name.
+RENAMED_TARGETS = {"cifar_exp.augment.pipeline": "cifar_exp.augment.Pipeline"}
 
 
 class CheckpointError(UserError):
@@ -50,27 +56,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def capture(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    *,
-    epoch: int,
-    best_test_acc: float,
-    scaler: torch.amp.GradScaler | None = None,
-    **extra: Any,
-) -> dict:
+def capture(trainee: Trainee, *, epoch: int, **extra: Any) -> dict:
     """Everything needed to continue training after `epoch`, plus `extra` (config, metrics...)."""
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch,
-        "best_test_acc": best_test_acc,
-        "rng": rng_state(),
-        **extra,
-    }
+    return {**trainee.state_dict(), "epoch": epoch, "rng": rng_state(), **extra}
 
 
 def save(checkpoint: dict, path: Path) -> None:
@@ -81,16 +69,21 @@ def save(checkpoint: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path, option: str = "trainer.resume") -> dict:
-    """Load a checkpoint written by cifar_exp.train, refusing anything that would run code.
-
-    `option` is the setting that named the file, for the message.
-    """
+def require_file(path: Path, option: str = "trainer.resume") -> None:
+    """Refuse a checkpoint path with no file behind it; `option` is the setting that named it."""
     if not path.is_file():
         raise CheckpointError(
             f"{option}={path}: no such checkpoint file; give a run folder or its "
             "checkpoints/last.pt"
         )
+
+
+def load(path: Path, option: str = "trainer.resume") -> dict:
+    """Load a checkpoint written by cifar_exp.train, refusing anything that would run code.
+
+    `option` is the setting that named the file, for the message.
+    """
+    require_file(path, option)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -109,6 +102,7 @@ def load(path: Path, option: str = "trainer.resume") -> dict:
             f"{option}={path} is not a checkpoint written by cifar_exp.train "
             f"(no {', '.join(sorted(missing))}); give a run folder or its checkpoints/last.pt"
         )
+    checkpoint["config"] = migrate(checkpoint["config"])
     return checkpoint
 
 
@@ -120,49 +114,22 @@ def damaged(option: str, path: Path, err: Exception) -> str:
     )
 
 
-def restore_model(checkpoint: dict, model: nn.Module, path: Path) -> None:
-    """Load the weights, or explain that the checkpoint holds a different network."""
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        detail = str(err).strip().splitlines()[1:2] or [""]
-        raise CheckpointError(
-            f"{path} holds the weights of another model ({detail[0].strip()}); "
-            "resume it with the model config it was trained with"
-        ) from None
+def migrate(config: dict) -> dict:
+    """An earlier version's saved config in today's layout: the budget limits were keys of
+    `model` (now the top-level `budget`), and some targets had other names."""
+    config = copy.deepcopy(config)
+    model = config.get("model", {})
+    if "max_params" in model or "min_rf" in model:
+        config.setdefault("budget", {})
+        for key in ("max_params", "min_rf"):
+            config["budget"].setdefault(key, model.pop(key, None))
 
+    def rename(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: RENAMED_TARGETS.get(v, v) if k == "_target_" else rename(v)
+                for k, v in node.items()
+            }
+        return [rename(v) for v in node] if isinstance(node, list) else node
 
-def restore_training(
-    checkpoint: dict,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler | None = None,
-) -> None:
-    """Optimizer, scheduler and scaler state, then the random-number states, as saved."""
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    if scaler is not None and checkpoint.get("scaler") is not None:
-        scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"])
-
-
-def rewind_metrics(metrics_file: Path, epoch: int) -> list[dict]:
-    """Keep the metrics of epochs 1..epoch (the checkpoint's), drop later or partial lines.
-
-    A run killed after writing an epoch's metrics but before its checkpoint, or in the
-    middle of a line, would otherwise get that epoch twice. Returns the kept records.
-    """
-    if not metrics_file.is_file():
-        return []
-    kept = []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a partial last line
-        if record.get("epoch") == len(kept) + 1 <= epoch:
-            kept.append(record)
-    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    os.replace(tmp, metrics_file)
-    return kept
+    return rename(config)

@@ -19,8 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cifar_exp.errors import UserError
-
 STRATEGIES = ("single", "ddp")
 
 
@@ -50,20 +48,14 @@ def current() -> Ranks:
 
 
 def setup(strategy: str, device: torch.device) -> Ranks:
-    """Join the process group for `ddp` (no-op for `single`); returns this process's ranks.
+    """Join the process group for `ddp` under torchrun (no-op for `single`); returns this
+    process's ranks.
 
     CUDA: NCCL, and this process's GPU is the one of its local rank. Other devices: gloo
     (CPU processes, as in the tests).
     """
-    if strategy not in STRATEGIES:
-        raise UserError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {strategy}")
     if strategy == "single":
         return Ranks()
-    if "WORLD_SIZE" not in os.environ:
-        raise UserError(
-            "trainer.strategy=ddp needs one process per device, started by torchrun: "
-            "torchrun --nproc_per_node=<N> -m cifar_exp.train trainer.strategy=ddp ..."
-        )
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
@@ -81,17 +73,6 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm statistics over the global batch, as a single process would compute them."""
-    if device.type != "cuda":
-        raise UserError(
-            "trainer.sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs "
-            "only); on the CPU use trainer.sync_batchnorm=false or a batch-independent norm "
-            "such as model/norm=group"
-        )
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

@@ -53,6 +53,15 @@ class JobFailed:
     exit_code: int
 
 
+def call_factory(key: str, factory: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call a `_partial_` object from the config at `key`; a value it rejects becomes a
+    UserError naming the key."""
+    try:
+        return factory(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{key}: {factory.func.__qualname__} rejected its config: {err}") from err
+
+
 def debugging() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 

@@ -9,57 +9,55 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cifar_exp import augment, data, models
-from cifar_exp.checkpoint import load
+from cifar_exp import checkpoint, data
+from cifar_exp.compute import resolve_compute, resolve_device
 from cifar_exp.errors import UserError, exit_on_user_error
-from cifar_exp.runner import evaluate, prepare_model, resolve_compute, resolve_device
+from cifar_exp.loop import predict
+from cifar_exp.validation import Data, Trainer, checked
 
 log = logging.getLogger(__name__)
 
 
-def predict(
-    checkpoint: dict, data_cfg: DictConfig, device_name: str = "auto", flip: bool | None = None
+def predict_test_set(
+    state: dict, data_settings: Data, device_name: str = "auto", flip: bool | None = None
 ) -> tuple[data.ImageSet, float, torch.Tensor, torch.Tensor]:
-    """Run the checkpoint's model over the test split of `data_cfg`, with test-time flips
-    if `flip` (None: if its training run tested with them).
+    """Run the checkpoint's model over the test split `data_settings` names, with test-time
+    flips if `flip` (None: if its training run tested with them).
 
     Returns the test images, the mean loss, and the predicted and true class of every image.
     """
-    model = models.build(checkpoint["config"]["model"])
-    model.load_state_dict(checkpoint["model"])
-    # The training run's precision, layout and test-time flips, so its test accuracy is
-    # reproduced exactly (no compiling for one pass).
-    trainer = checkpoint["config"]["trainer"]
-    compute = resolve_compute(resolve_device(device_name), {**trainer, "compile": False})
-    if flip is None:
-        flip = trainer.get("test_flip", False)
-
-    test_set = data.load(data_cfg, "test")
-    trained_classes = tuple(checkpoint["classes"])
-    if test_set.classes != trained_classes:
+    config = state["config"]
+    model = instantiate(config["model"])
+    model.load_state_dict(state["model"])
+    # The training run's precision, layout, normalisation and test-time flips, so its test
+    # accuracy is reproduced exactly (no compiling for one pass).
+    trainer = checked(Trainer, {**config["trainer"], "compile": False}, key="trainer")
+    compute = resolve_compute(resolve_device(device_name), trainer)
+    test_set = data.load(data_settings, "test")
+    if test_set.classes != tuple(state["classes"]):
         raise UserError(
-            f"test classes {test_set.classes} differ from the model's {trained_classes}"
+            f"test classes {test_set.classes} differ from the model's {tuple(state['classes'])}"
         )
-    loader = data.make_loader(
-        test_set,
-        augment.BatchAugment(data_cfg.mean, data_cfg.std),
-        batch_size=data_cfg.batch_size,
-        shuffle=False,
-        num_workers=data_cfg.num_workers,
-        seed=0,
-        device=compute.device,
-    )
-    loss, predictions, targets = evaluate(prepare_model(model, compute), loader, compute, flip)
+    loader = instantiate(config["augment"]).test_time().loader(
+        test_set, batch_size=data_settings.batch_size, shuffle=False, seed=0,
+        device=compute.device, num_workers=data_settings.num_workers,
+    )  # fmt: skip
+    flip = trainer.test_flip if flip is None else flip
+    loss, predictions, targets = predict(compute.prepare(model), loader, compute, flip)
     return test_set, loss, predictions, targets
 
 
 def score(cfg: DictConfig) -> dict:
     """Accuracy of the checkpoint's model on the test split, overall and per class."""
     ckpt_path = Path(cfg.ckpt).expanduser()
-    checkpoint = load(ckpt_path, option="ckpt")
-    test_set, loss, predictions, targets = predict(checkpoint, cfg.data, cfg.device, cfg.flip)
+    state = checkpoint.load(ckpt_path, option="ckpt")
+    data_settings = checked(Data, cfg.data, key="data")
+    test_set, loss, predictions, targets = predict_test_set(
+        state, data_settings, cfg.device, cfg.flip
+    )
     correct = predictions == targets
     per_class = {
         name: correct[targets == i].float().mean().item() for i, name in enumerate(test_set.classes)
@@ -70,7 +68,7 @@ def score(cfg: DictConfig) -> dict:
         "per_class_accuracy": per_class,
         "images": len(targets),
         "ckpt": str(ckpt_path.resolve()),
-        "epoch": checkpoint["epoch"],
+        "epoch": state["epoch"],
         "data": {"root": str(cfg.data.root), "format": cfg.data.format},
     }
 

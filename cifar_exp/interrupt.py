@@ -1,8 +1,9 @@
 """Ctrl-C (SIGINT) and SIGTERM stop training after the current step, not in the middle of it.
 
 Inside `stop_on_signals()` a signal only sets a flag; the training loop calls
-`raise_if_requested` after every step, and the caller saves a checkpoint and exits with
-status 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), the shell's convention.
+`raise_if_requested` after every step, the run record keeps the weights so far, and the block
+ends the process with status 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), the
+shell's convention.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ def _request_stop(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM request a stop instead of killing the process."""
+    """Within the block, SIGINT and SIGTERM request a stop instead of killing the process;
+    the Interrupted that the stop raises leaves the block as SystemExit(128 + signal)."""
     previous = {s: signal.signal(s, _request_stop) for s in STOP_SIGNALS}
     _requested.clear()
     try:
         yield
+    except Interrupted as stop:
+        raise SystemExit(stop.exit_code) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from hydra.utils import instantiate
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -31,9 +30,6 @@ TRANSITIONS: dict[str, dict[str, int]] = {
 BLOCK_KEYS = {"convs", "transition", "dropout", "separable"}
 CONV_KEYS = {"channels", "separable"}
 TRANSITION_KEYS = {"channels", "type", *TRANSITIONS}
-
-# Keys of a `model` config that are limits checked by the trainer, not network arguments.
-BUDGET_KEYS = ("max_params", "min_rf")
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -149,8 +145,3 @@ class ConvNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x))).flatten(1)
-
-
-def build(model_cfg: Mapping[str, Any]) -> nn.Module:
-    """The network a `model` config describes (its budget keys are limits, not arguments)."""
-    return instantiate({k: v for k, v in model_cfg.items() if k not in BUDGET_KEYS})

@@ -1,7 +1,7 @@
 """`python -m cifar_exp.report <sweep or run folders...>`: compare finished runs at a glance.
 
-Reads every run's metrics.jsonl and .hydra/ config (a run folder is one holding both; a sweep
-folder holds run folders) and writes, into the output folder:
+Reads every run's results.json, metrics.jsonl and .hydra/ config (a run folder is one holding
+them; a sweep folder holds run folders) and writes, into the output folder:
   report.md   one row per run: the overrides that define it, parameters, receptive field,
               best and final test accuracy, epochs, mean epoch time; then the figures;
   report.png  test accuracy and test loss per epoch, all runs on shared axes;
@@ -22,8 +22,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import budget, checkpoint, data, evaluate, models, plots, tracking
+from cifar_exp import checkpoint, data, evaluate, plots, tracking
 from cifar_exp.errors import UserError, exit_on_user_error
+from cifar_exp.record import METRICS, RESULTS
+from cifar_exp.validation import Data, checked
 
 log = logging.getLogger("cifar_exp.report")
 
@@ -34,6 +36,7 @@ class Run:
     config: DictConfig
     overrides: list[str]  # the command-line and sweep overrides that define the run
     metrics: list[dict]
+    results: dict  # its results.json
     label: str = ""  # the overrides that tell it apart from the other runs
     grid: Path | None = None  # its misclassified.png, once drawn
 
@@ -44,23 +47,26 @@ class Comparison:
     common: list[str] = field(default_factory=list)  # overrides every run shares
 
 
-def defining_overrides(run_dir: Path) -> list[str]:
-    """The run's overrides, less those that only say where the data is or how it is shown
-    (the keys train.yaml leaves out of run names)."""
+def defining_overrides(run_dir: Path, config: DictConfig) -> list[str]:
+    """The run's overrides, less those that only say where and how it runs (its
+    `runtime_keys`, which train.yaml also leaves out of run names)."""
     overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
-    hydra_cfg = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
-    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    excluded = set(config.runtime_keys)
     return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded)
 
 
 def load_run(run_dir: Path) -> Run | None:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    metrics = [json.loads(line) for line in lines if line.strip()]
-    if not metrics:
-        log.warning("Skipping %s: no finished epoch in metrics.jsonl", run_dir)
+    if not (run_dir / RESULTS).is_file():
+        log.warning(
+            "Skipping %s: no %s (no finished epoch, or written before cifar_exp kept one)",
+            run_dir, RESULTS,
+        )  # fmt: skip
         return None
+    lines = (run_dir / METRICS).read_text().splitlines()
+    metrics = [json.loads(line) for line in lines if line.strip()]
+    results = json.loads((run_dir / RESULTS).read_text())
     config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    return Run(run_dir, config, defining_overrides(run_dir), metrics)
+    return Run(run_dir, config, defining_overrides(run_dir, config), metrics, results)
 
 
 def job_number(run_dir: Path) -> int:
@@ -75,13 +81,13 @@ def find_runs(folders: Sequence[Path]) -> Comparison:
         if not folder.is_dir():
             raise UserError(f"{folder} is not a folder")
         run_dirs = sorted(
-            (p.parent for p in folder.rglob("metrics.jsonl") if (p.parent / ".hydra").is_dir()),
+            (p.parent for p in folder.rglob(METRICS) if (p.parent / ".hydra").is_dir()),
             key=lambda p: (p.parent, job_number(p), p.name),
         )
         if not run_dirs:
             raise UserError(
-                f"No runs in {folder}: a run folder holds metrics.jsonl and .hydra/ "
-                "(python -m cifar_exp.train writes both)"
+                f"No runs in {folder}: a run folder holds {METRICS}, {RESULTS} and .hydra/ "
+                "(python -m cifar_exp.train writes them)"
             )
         runs += [run for run in map(load_run, run_dirs) if run is not None]
     if not runs:
@@ -95,19 +101,10 @@ def find_runs(folders: Sequence[Path]) -> Comparison:
 
 
 def summarize(run: Run) -> dict[str, Any]:
-    """The table row of a run; parameters and receptive field are measured on its network."""
-    network = models.build(run.config.model)
-    best = max(run.metrics, key=lambda m: m["test_acc"])
-    return {
-        "run": run.label,
-        "params": budget.count_parameters(network),
-        "receptive_field": budget.receptive_field(network),
-        "best_test_acc": best["test_acc"],
-        "best_epoch": best["epoch"],
-        "final_test_acc": run.metrics[-1]["test_acc"],
-        "epochs": len(run.metrics),
-        "mean_epoch_seconds": sum(m["epoch_seconds"] for m in run.metrics) / len(run.metrics),
-    }
+    """The table row of a run, from its results.json."""
+    keys = ("best_test_acc", "best_epoch", "final_test_acc", "epochs", "params",
+            "receptive_field", "mean_epoch_seconds", "monitor")  # fmt: skip
+    return {"run": run.label, **{key: run.results[key] for key in keys}}
 
 
 def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> Path | None:
@@ -118,10 +115,10 @@ def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> 
         log.warning("No misclassified images for %s: %s is missing", run.path, ckpt)
         return None
     state = checkpoint.load(ckpt, option="checkpoint")
-    data_cfg = run.config.data.copy()
-    limit = data_cfg.limit_test
-    data_cfg.limit_test = eval_images if limit is None else min(limit, eval_images)
-    test_set, _, predictions, targets = evaluate.predict(state, data_cfg, device)
+    data_settings = checked(Data, run.config.data, key="data")
+    limit = data_settings.limit_test
+    data_settings.limit_test = eval_images if limit is None else min(limit, eval_images)
+    test_set, _, predictions, targets = evaluate.predict_test_set(state, data_settings, device)
     all_wrong = (predictions != targets).nonzero().flatten().numpy()
     # Balanced over the true classes: folder-format test sets list the images class by class.
     wrong = all_wrong[data.balanced_subset(targets[all_wrong].numpy(), images)].tolist()
@@ -155,7 +152,7 @@ def markdown(comparison: Comparison, rows: list[dict], out: Path) -> str:
         lines.append(
             f"| [{i}]({link(run.path)}) | {row['run']} | {row['params']:,} "
             f"| {row['receptive_field']} "
-            f"| {100 * row['best_test_acc']:.2f}% (epoch {row['best_epoch']}) "
+            f"| {100 * row['best_test_acc']:.2f}% (epoch {row['best_epoch']}, by {row['monitor']}) "
             f"| {100 * row['final_test_acc']:.2f}% | {row['epochs']} "
             f"| {row['mean_epoch_seconds']:.1f} |"
         )

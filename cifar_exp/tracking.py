@@ -66,8 +66,11 @@ def start_run(
     run.finish()
 
 
-def log_model(run: Any, checkpoint: Path, name: str = "model") -> None:
-    """Attach a checkpoint to the run as a W&B model artifact."""
-    artifact = wandb.Artifact(name, type="model")
+def log_results(run: Any, results: dict[str, Any], graphs: Path, checkpoint: Path) -> None:
+    """The results into the run's summary, the curves as an image, and the checkpoint as a
+    W&B model artifact."""
+    run.summary.update(results)
+    run.log({"graphs": wandb.Image(str(graphs))})
+    artifact = wandb.Artifact("model", type="model")
     artifact.add_file(str(checkpoint))
     run.log_artifact(artifact, aliases=["best"])

@@ -1,49 +1,99 @@
-"""Types and ranges of the training config, checked before any data is loaded.
+"""The one validation gate: every value the code branches on, indexes with or hands to a
+library that would fail late, checked before distributed set-up, before any checkpoint is
+read and before any data is loaded. `validate` returns the checked values, typed.
 
-Hydra already refuses unknown groups, options and keys. The values' types and ranges are
-declared here with pydantic, which names every offending key at once; keys not listed here
-(model blocks, scheduler arguments, ...) are left to the classes they configure.
+Hydra already refuses unknown groups, options and keys. Types and ranges are declared here
+with pydantic, which names every offending key at once; then come the checks across keys
+(normalisation against channels, limits against classes, metrics against the run) and those
+that need the configured objects: the scheduler is stepped through a run of the configured
+length on a stand-in optimizer, and the augmentation is checked against the image size.
+Keys not listed (model blocks, scheduler arguments, ...) are left to the classes they
+configure, which the builder calls before loading data.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Literal, TypeVar
 
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from cifar_exp import data, distributed
+from cifar_exp.compute import PRECISIONS, resolve_device
 from cifar_exp.errors import UserError
+from cifar_exp.loop import EPOCH_METRICS, SCORES, VAL_METRICS, LoopOptions, Schedule
+
+Auto = Literal["auto"]
+Score = Literal[SCORES]
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+S = TypeVar("S", bound=Section)
+
+
 class Trainer(Section):
     epochs: PositiveInt
-    deterministic: bool
-    progress: bool
+    device: str = "auto"
+    deterministic: bool = False
+    progress: bool = True
     resume: str | None = None
+    monitor: Score | None = None  # null: val_acc with data.val_size, else test_acc
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     test_flip: bool = False
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    precision: Literal[("auto", *PRECISIONS)] = "auto"
     channels_last: bool = True
-    compile: bool | Literal["auto"] = "auto"
-    subsampled_convs: bool | Literal["auto"] = "auto"
-    packed_dropout: bool | Literal["auto"] = "auto"
+    compile: bool | Auto = "auto"
+    subsampled_convs: bool | Auto = "auto"
+    packed_dropout: bool | Auto = "auto"
     threads: PositiveInt | None = None
-    strategy: Literal["single", "ddp"] = "single"
+    strategy: Literal[distributed.STRATEGIES] = "single"
     sync_batchnorm: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def known_device(cls, name: str) -> str:
+        if name != "auto":
+            try:
+                torch.device(name)
+            except RuntimeError:
+                raise ValueError("not a device: use auto, cpu, cuda, cuda:<n> or mps") from None
+        return name
 
 
 class Data(Section):
-    format: Literal["official", "folder"]
+    root: str = "./data"
+    format: Literal[data.FORMATS]
     batch_size: PositiveInt
-    num_workers: int = Field(ge=0)
-    limit_train: PositiveInt | None
-    limit_test: PositiveInt | None
-    val_size: int | None = Field(default=None, ge=0)
-    val_seed: int = 0
+    num_workers: NonNegativeInt = 0
+    limit_train: PositiveInt | None = None
+    limit_test: PositiveInt | None = None
+    val_size: NonNegativeInt | None = None  # 0 or null: no validation set
+    val_seed: NonNegativeInt = 0
+    cache_dir: str | None = None
+    mean: list[float] = [0.4914, 0.4822, 0.4465]
+    std: list[PositiveFloat] = [0.2470, 0.2435, 0.2616]
+    image_size: PositiveInt = 32
+
+
+class Scheduler(Section):
+    interval: Literal["epoch", "step"]
+    monitor: str | None = None
 
 
 class Optimizer(Section):
@@ -52,27 +102,176 @@ class Optimizer(Section):
 
 
 class Model(Section):
+    in_channels: PositiveInt = 3
+    num_classes: PositiveInt = 10
     dropout: float = Field(default=0.0, ge=0, lt=1)
 
 
-class TrainConfig(Section):
-    seed: int
-    optimized_metric: str | None = None
+class Budget(Section):
+    max_params: PositiveInt | None = None
+    min_rf: PositiveInt | None = None
+
+
+class Settings(Section):
+    """The training config's checked values; `trainer.monitor` and `optimized_metric` are
+    resolved (never null)."""
+
+    seed: int = Field(ge=0, lt=2**32)  # what NumPy accepts
+    optimized_metric: Score | None = None  # null: trainer.monitor
     trainer: Trainer
     data: Data
+    scheduler: Scheduler
     optimizer: Optimizer
     model: Model
+    budget: Budget = Budget()
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """What every epoch records: val_* only with a validation set."""
+        return EPOCH_METRICS + (VAL_METRICS if self.data.val_size else ())
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.trainer.device)
+
+    @property
+    def loop(self) -> LoopOptions:
+        trainer = self.trainer
+        return LoopOptions(
+            trainer.epochs, self.seed, trainer.label_smoothing, trainer.test_flip, trainer.progress
+        )
+
+    @model_validator(mode="after")
+    def consistent(self) -> Settings:
+        data, trainer = self.data, self.trainer
+        trainer.monitor = trainer.monitor or ("val_acc" if data.val_size else "test_acc")
+        self.optimized_metric = self.optimized_metric or trainer.monitor
+        problems = [
+            *self.normalisation_problems(),
+            *self.metric_problems(),
+            *self.size_problems(),
+            *self.device_problems(),
+        ]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    def normalisation_problems(self) -> list[str]:
+        channels, data = self.model.in_channels, self.data
+        if len(data.mean) == len(data.std) == channels:
+            return []
+        return [
+            f"data.mean={data.mean} and data.std={data.std} need one value per image channel "
+            f"(model.in_channels={channels})"
+        ]
+
+    def metric_problems(self) -> list[str]:
+        problems = []
+        for key, value in (
+            ("trainer.monitor", self.trainer.monitor),
+            ("optimized_metric", self.optimized_metric),
+            ("scheduler.monitor", self.scheduler.monitor),
+        ):
+            if value is not None and value not in self.metrics:
+                problems.append(
+                    f"{key}={value} is not a metric of this run; choose one of "
+                    f"{', '.join(self.metrics)} (val_* need data.val_size)"
+                )
+        return problems
+
+    def size_problems(self) -> list[str]:
+        data, classes = self.data, self.model.num_classes
+        problems = [
+            f"data.{key}={value} is fewer images than the {classes} classes "
+            "(model.num_classes); every class needs at least one"
+            for key, value in (
+                ("limit_train", data.limit_train),
+                ("limit_test", data.limit_test),
+                ("val_size", data.val_size or None),
+            )
+            if value is not None and value < classes
+        ]
+        if data.val_size and data.limit_train and data.val_size >= data.limit_train:
+            problems.append(
+                f"data.val_size={data.val_size} leaves no training images of "
+                f"data.limit_train={data.limit_train}; hold out fewer"
+            )
+        return problems
+
+    def device_problems(self) -> list[str]:
+        trainer, problems = self.trainer, []
+        device = torch.device(trainer.device) if trainer.device != "auto" else None
+        kind, gpus = device and device.type, torch.cuda.device_count()
+        if kind == "cuda" and (device.index or 0) >= gpus:
+            problems.append(
+                f"trainer.device={trainer.device}, but PyTorch sees {gpus} CUDA device(s) "
+                "here; use trainer.device=auto or cpu"
+            )
+        if kind == "mps" and not torch.backends.mps.is_available():
+            problems.append(f"trainer.device={trainer.device}, but MPS is not available here")
+        if trainer.strategy != "ddp":
+            return problems
+        world_size = os.environ.get("WORLD_SIZE")
+        if world_size is None:
+            problems.append(
+                "trainer.strategy=ddp needs one process per device, started by torchrun: "
+                "torchrun --nproc_per_node=<N> -m cifar_exp.train trainer.strategy=ddp ..."
+            )
+        elif self.data.batch_size % int(world_size):
+            problems.append(
+                f"data.batch_size={self.data.batch_size} is the batch of all {world_size} "
+                "processes together; make it a multiple of their number"
+            )
+        if trainer.sync_batchnorm and self.device.type != "cuda":
+            problems.append(
+                "trainer.sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm runs on "
+                "GPUs only); on the CPU use trainer.sync_batchnorm=false or a batch-independent "
+                "norm such as model/norm=group"
+            )
+        return problems
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise a UserError naming every key whose value has the wrong type or range."""
+def checked(section: type[S], cfg: DictConfig | dict, key: str = "") -> S:
+    """`cfg` (the config's `key`, or all of it) as `section`; a UserError naming every value
+    at fault."""
+    values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
     try:
-        TrainConfig.model_validate(OmegaConf.to_container(cfg, resolve=True))
+        return section.model_validate(values)
     except ValidationError as err:
         problems = [
-            f"  {'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in err.errors()
+            f"  {'.'.join(map(str, [key, *e['loc']] if key else e['loc']))}={e.get('input')!r}: "
+            f"{e['msg']}"
+            if e["loc"]
+            else f"  {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
         ]
         raise UserError(
             "invalid config value(s):\n" + "\n".join(problems) + "\n"
             "Fix them on the command line (e.g. trainer.epochs=10) or in the YAML file."
+        ) from None
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """The training config's values, checked and typed; a UserError naming what is at fault."""
+    settings = checked(Settings, cfg)
+    check_schedule(cfg.scheduler, settings.trainer.epochs)
+    instantiate(cfg.augment).check(settings.data.image_size)
+    return settings
+
+
+def check_schedule(scheduler_cfg: DictConfig, epochs: int) -> None:
+    """Step the configured scheduler through a run of `epochs` epochs (of one step each) on a
+    stand-in optimizer: arguments it rejects, or a run longer than it can schedule (OneCycle
+    over fewer epochs), fail here rather than mid-run."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    schedule = Schedule.from_config(scheduler_cfg, optimizer, steps_per_epoch=1)
+    try:
+        for _ in range(epochs):
+            optimizer.step()
+            schedule.after_step()
+            schedule.after_epoch({schedule.monitor: 0.0})
+    except (ValueError, ZeroDivisionError) as err:
+        raise UserError(
+            f"scheduler.lr_scheduler cannot schedule trainer.epochs={epochs} epochs ({err}); "
+            "change its arguments or the number of epochs"
         ) from None

@@ -16,8 +16,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from PIL import Image
 
-from cifar_exp import augment
+from cifar_exp.augment import BatchAugment
+from cifar_exp.compute import Compute
+from cifar_exp.data import ImageSet
+from cifar_exp.loop import Schedule, Trainee
+from cifar_exp.record import RunFacts, RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -114,10 +119,78 @@ def wandb_records(run_dir: Path) -> list[dict]:
     return records
 
 
-def augment_batch(transform, images: np.ndarray, seed: int = 0) -> torch.Tensor:
-    """Either kind of train-time augmentation applied to uint8 NHWC images: a float NCHW batch."""
-    if isinstance(transform, augment.BatchAugment):
-        generator = torch.Generator().manual_seed(seed)
-        return transform(torch.from_numpy(images).permute(0, 3, 1, 2), generator)
-    transform.set_random_seed(seed)
-    return torch.stack([transform(image=image)["image"] for image in images])
+def augment_batch(augmentation, images: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """Any augmentation applied to uint8 NHWC images through its own loader, in order: a
+    float NCHW batch."""
+    image_set = ImageSet(images, np.zeros(len(images), dtype=np.int64), ("only",))
+    loader = augmentation.loader(
+        image_set, batch_size=len(images), shuffle=False, seed=seed, device=CPU.device
+    )
+    (batch, _), *_ = loader
+    return batch
+
+
+def write_tree(root: Path, classes: dict[str, list[str]], per_class: int = 3) -> Path:
+    """root/{train,test}/<class>/<nnnn>.png with random pixels, the classes of each split."""
+    rng = np.random.default_rng(0)
+    for split, names in classes.items():
+        for name in names:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return root
+
+
+def numbered_images(per_class: int = 20, classes: int = 10) -> ImageSet:
+    """per_class images of each class, class by class, every pixel of image i equal to i."""
+    labels = np.repeat(np.arange(classes), per_class)
+    images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None] * np.ones(
+        (1, 32, 32, 3), dtype=np.uint8
+    )
+    return ImageSet(images, labels, tuple(f"c{i}" for i in range(classes)))
+
+
+# The training loop's parts at toy scale, on the CPU.
+CPU = Compute(torch.device("cpu"))
+TINY_BLOCKS = [{"convs": [8], "transition": {"channels": 16, "type": "strided"}}]
+
+
+class RecordingTracker:
+    """Stands in for the W&B run (checked end to end in test_train.py)."""
+
+    id = "recording"
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, metrics, step):
+        self.logged.append((step, metrics))
+
+
+def random_loader(n: int = 64, batch_size: int = 16, seed: int = 0):
+    """n random uint8 images (labels 0..9 in turn), normalised only, in a fixed order."""
+    rng = np.random.default_rng(seed)
+    images = ImageSet(
+        rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+        np.arange(n) % 10,
+        tuple("abcdefghij"),
+    )
+    return BatchAugment(MEAN, STD).loader(
+        images, batch_size=batch_size, shuffle=False, seed=seed, device=CPU.device
+    )
+
+
+def make_trainee(model, scheduler_factory=None, interval="epoch", monitor=None, lr=0.1):
+    """The model with SGD and the scheduler `scheduler_factory(optimizer)` makes (StepLR(5)
+    if none), on the CPU in float32."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    make = scheduler_factory or (lambda opt: torch.optim.lr_scheduler.StepLR(opt, 5))
+    schedule = Schedule(make(optimizer), interval, monitor)
+    return Trainee(model, model, optimizer, schedule, CPU.grad_scaler(), CPU)
+
+
+def make_record(run_dir: Path, tracker=None, monitor="test_acc", epochs=2) -> RunRecord:
+    facts = RunFacts(monitor=monitor, optimized_metric=monitor, epochs=epochs, config={})
+    return RunRecord(run_dir, facts, tracker or RecordingTracker())

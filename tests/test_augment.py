@@ -12,7 +12,9 @@ import torch
 from conftest import augment_batch, compose_train
 from hydra.utils import instantiate
 
-from cifar_exp import augment, data
+from cifar_exp import data
+from cifar_exp.augment import BatchAugment, Pipeline
+from cifar_exp.loaders import TensorLoader
 
 N = 2000  # images per measurement: a rate of 0.5 has a standard error of 0.011
 
@@ -38,9 +40,8 @@ def only(kind: str, keep: str, p: float | None = None):
 
 
 def plain(images: np.ndarray) -> torch.Tensor:
-    return augment_batch(
-        augment.pipeline(compose_train().data.mean, compose_train().data.std), images
-    )
+    data_cfg = compose_train().data
+    return augment_batch(Pipeline(data_cfg.mean, data_cfg.std), images)
 
 
 @pytest.mark.parametrize("kind", ["s9", "s9_batched"])
@@ -103,24 +104,23 @@ def test_batched_augmentation_is_deterministic_under_a_seed():
     assert not torch.equal(first, augment_batch(transform, images, seed=2))
 
 
-def test_plain_counterpart_only_normalises():
-    cfg = compose_train()
+def test_test_time_counterpart_only_normalises():
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     for kind in ("s9", "s9_batched"):
         train_time = instantiate(compose_train(f"augment={kind}").augment)
-        test_time = augment.plain(train_time, cfg.data.mean, cfg.data.std)
+        test_time = train_time.test_time()
         assert type(test_time) is type(train_time)
         assert torch.allclose(augment_batch(test_time, images), plain(images), atol=1e-6)
+        assert not torch.allclose(augment_batch(train_time, images), plain(images), atol=1e-6)
 
 
 def test_tensor_loader_covers_every_image_once_per_epoch_in_a_new_order():
     images = np.arange(100, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
     subset = data.ImageSet(images, np.arange(100) % 10, tuple("abcdefghij"))
-    loader = data.make_loader(
-        subset, augment.BatchAugment((0, 0, 0), (1, 1, 1)), batch_size=32, shuffle=True,
-        seed=0, device=torch.device("cpu"), num_workers=0,
-    )  # fmt: skip
-    assert isinstance(loader, data.TensorLoader) and len(loader) == 4
+    loader = BatchAugment((0, 0, 0), (1, 1, 1)).loader(
+        subset, batch_size=32, shuffle=True, seed=0, device=torch.device("cpu")
+    )
+    assert isinstance(loader, TensorLoader) and len(loader) == 4
     epochs = []
     for _ in range(2):
         batches = list(loader)

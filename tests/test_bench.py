@@ -7,11 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import data_overrides, run_cli
+from conftest import compose_train, data_overrides, run_cli
 
 from cifar_exp.bench import build_variants
+from cifar_exp.compute import Compute, resolve_compute
+from cifar_exp.loop import Schedule, Trainee, train_epoch
 from cifar_exp.models import ConvNet
-from cifar_exp.runner import Compute, UserError, prepare_model, resolve_compute, train_epoch
+from cifar_exp.validation import Trainer, validate
 
 
 def test_bench_writes_ratios_and_ends_with_the_speedup(cifar_root, cache_dir, tmp_path):
@@ -57,7 +59,7 @@ def test_bench_variants_keep_the_process_threads_unless_they_set_their_own(cifar
         )
     finally:
         torch.set_num_threads(threads)
-    assert {name: c[2] for name, c in contestants.items()} == {
+    assert {name: c[1] for name, c in contestants.items()} == {
         "threads_1": 1,
         "naive": threads,
         "defaults": threads,
@@ -81,17 +83,21 @@ def test_bench_refuses_an_unknown_variant():
     ],
 )
 def test_every_speed_option_trains_on_the_cpu(options):
-    compute = resolve_compute(
-        torch.device("cpu"), {"subsampled_convs": False, "packed_dropout": False, **options}
+    trainer = Trainer(
+        **{"epochs": 1, "subsampled_convs": False, "packed_dropout": False, **options}
     )
+    compute = resolve_compute(torch.device("cpu"), trainer)
     torch.manual_seed(0)
     model = ConvNet([{"convs": [8], "transition": {"channels": 16}}], dropout=0.1)
-    forward = prepare_model(model, compute)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = Schedule(torch.optim.lr_scheduler.StepLR(optimizer, 5))
+    trainee = Trainee(
+        model, compute.prepare(model), optimizer, schedule, compute.grad_scaler(), compute
+    )
     images, labels = torch.randn(64, 3, 32, 32), torch.arange(64) % 10
     before = [p.detach().clone() for p in model.parameters()]
     batches = [(images[:32], labels[:32]), (images[32:], labels[32:])]
-    loss, _, seen = train_epoch(forward, optimizer, batches, compute, compute.grad_scaler())
+    loss, _, seen = train_epoch(trainee, batches)
     assert seen == 64 and torch.isfinite(torch.tensor(loss))
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     if compute.channels_last:
@@ -99,13 +105,15 @@ def test_every_speed_option_trains_on_the_cpu(options):
 
 
 def test_auto_compute_follows_the_device(monkeypatch):
-    cpu = resolve_compute(torch.device("cpu"), {})  # all auto, as a checkpoint without them
+    auto = Trainer(epochs=1)  # every option auto, as for a checkpoint older than them
+    cpu = resolve_compute(torch.device("cpu"), auto)
     assert not cpu.compile and cpu.subsampled_convs and cpu.packed_dropout
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert cpu.autocast_dtype == (torch.bfloat16 if bf16 else None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    cuda = resolve_compute(torch.device("cuda"), {"precision": "auto", "compile": "auto"})
+    cuda = resolve_compute(torch.device("cuda"), auto)
     assert cuda == Compute(torch.device("cuda"), torch.bfloat16, True, True)
-    assert not resolve_compute(torch.device("cpu"), {"packed_dropout": False}).packed_dropout
-    with pytest.raises(UserError, match="trainer.precision must be auto or one of"):
-        resolve_compute(torch.device("cpu"), {"precision": "fp8"})
+    off = Trainer(epochs=1, packed_dropout=False)
+    assert not resolve_compute(torch.device("cpu"), off).packed_dropout
+    defaults = validate(compose_train()).trainer  # the config's own: auto, unless measured
+    assert resolve_compute(torch.device("cpu"), defaults) == cpu

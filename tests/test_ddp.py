@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MEAN, REPO, STD, data_overrides, read_metrics, run_cli
-from test_val_split import image_set
+from conftest import MEAN, REPO, STD, data_overrides, numbered_images, read_metrics, run_cli
 
-from cifar_exp import augment, data, distributed
+from cifar_exp import distributed
+from cifar_exp.augment import BatchAugment, Pipeline
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
@@ -28,20 +28,17 @@ def torchrun(*overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 def numbers(images: torch.Tensor) -> list[int]:
-    """The test images are numbered by their pixel value (see image_set)."""
+    """The test images are numbered by their pixel value (see numbered_images)."""
     return images.flatten(1)[:, 0].round().int().tolist()
 
 
 def test_tensor_loader_ranks_share_each_global_batch():
-    images = image_set()
-    as_is = augment.BatchAugment((0, 0, 0), (1 / 255,) * 3)  # normalising that keeps the numbers
+    images = numbered_images()
+    as_is = BatchAugment((0, 0, 0), (1 / 255,) * 3)  # normalising that keeps the numbers
     args = dict(batch_size=50, shuffle=True, seed=1, device=torch.device("cpu"))
-    single = [numbers(x) for x, _ in data.TensorLoader(images, as_is, **args)]
+    single = [numbers(x) for x, _ in as_is.loader(images, **args)]
     shares = [
-        [
-            numbers(x)
-            for x, _ in data.TensorLoader(images, as_is, ranks=distributed.Ranks(r, 2), **args)
-        ]
+        [numbers(x) for x, _ in as_is.loader(images, ranks=distributed.Ranks(r, 2), **args)]
         for r in (0, 1)
     ]
     assert len(single) == 4
@@ -50,13 +47,13 @@ def test_tensor_loader_ranks_share_each_global_batch():
 
 
 def test_dataloader_ranks_split_the_data_set():
-    images = image_set()
-    plain = augment.pipeline(MEAN, STD)
+    images = numbered_images()
+    plain = Pipeline(MEAN, STD)
     args = dict(batch_size=50, shuffle=True, seed=1, device=torch.device("cpu"), num_workers=0)
     seen = []
     for rank in (0, 1):
-        loader = data.make_loader(images, plain, ranks=distributed.Ranks(rank, 2), **args)
-        data.seed_epoch(loader, 1, 2)
+        loader = plain.loader(images, ranks=distributed.Ranks(rank, 2), **args)
+        loader.seed_epoch(1, 2)
         assert loader.batch_size == 25 and loader.sampler.epoch == 2
         seen.append([label for _, labels in loader for label in labels.tolist()])
     assert len(seen[0]) == len(seen[1]) == 100
@@ -107,7 +104,8 @@ def test_only_rank_zero_writes(runs):
     assert len(read_metrics(ddp)) == 1  # one line per epoch, not one per rank
     assert len(list(ddp.glob("wandb/offline-run-*"))) == 1
     assert sorted(p.name for p in ddp.iterdir()) == [
-        ".hydra", "checkpoints", "graphs.png", "metrics.jsonl", "summary.txt", "train.log", "wandb"
+        ".hydra", "checkpoints", "graphs.png", "metrics.jsonl", "results.json", "summary.txt",
+        "train.log", "wandb",
     ]  # fmt: skip
 
 

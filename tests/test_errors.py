@@ -1,21 +1,26 @@
 """Every kind of bad input ends with a short message naming problem and fix, a non-zero exit,
-no traceback, and nothing in the run folder beyond the log. None of these loads the data set."""
+no traceback, and nothing in the run folder beyond the log. None of these loads the data set,
+except the few that only the data can tell."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import compose_train, run_cli, write_tree
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from PIL import Image
 
+from cifar_exp.builder import build
+from cifar_exp.errors import UserError
 from cifar_exp.models import ConvNet
+from cifar_exp.validation import validate
 
 LOG_ONLY = {"train.log", ".hydra"}
 
@@ -43,15 +48,65 @@ def assert_refused(proc, expected: str, run_dir: Path | None = None, code: int |
         (["model.dropout=-0.1"], "model.dropout=-0.1: Input should be greater than or equal"),
         (["data.format=folder", "data.root=/nonexistent/cifar"], "data.root=/nonexistent/cifar"),
         (["scheduler=plateau", "scheduler.monitor=val_acc"], "scheduler.monitor=val_acc"),
-        (["model.max_params=100000"], "180,298 parameters, over model.max_params=100,000"),
-        (["trainer.precision=fp8"], "trainer.precision='fp8': Input should be 'auto', 'bf16'"),
+        (["budget.max_params=100000"], "180,298 parameters, over budget.max_params=100,000"),
+        (["trainer.precision=fp8"], "trainer.precision='fp8': Input should be 'auto', 'fp32'"),
         (["trainer.label_smoothing=1"], "trainer.label_smoothing=1: Input should be less than 1"),
+        (["scheduler.interval=batch"], "scheduler.interval='batch': Input should be 'epoch' or"),
+        (["augment.cutout_size=40"], "augment.cutout_size=40 is larger than the 32-pixel images"),
+        (["augment.flip_p=2"], "augment.flip_p=2 is a probability: choose it in [0, 1]"),
     ],
-)
+)  # fmt: skip
 def test_bad_config_is_refused_before_anything_runs(overrides, expected, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("train", *overrides, f"hydra.run.dir={run_dir}", check=False)
     assert_refused(proc, expected, run_dir)
+
+
+# Values that PyTorch, NumPy or albumentations once refused only mid-run, or never: the gate
+# (checked in-process; the cases above show that a refusal ends the command cleanly).
+GATE = [
+    (["scheduler=onecycle", "scheduler.lr_scheduler.epochs=5", "trainer.epochs=10"],
+     "scheduler.lr_scheduler cannot schedule trainer.epochs=10 epochs (Tried to step 6"),
+    (["scheduler=cosine", "scheduler.lr_scheduler.T_max=0"],
+     "scheduler.lr_scheduler cannot schedule trainer.epochs=50 epochs"),
+    (["scheduler.lr_scheduler.step_size=0"], "cannot schedule trainer.epochs=50 epochs (integer"),
+    (["trainer.monitor=val_acc"], "trainer.monitor=val_acc is not a metric of this run"),
+    (["trainer.monitor=lr"], "trainer.monitor='lr': Input should be 'train_loss'"),
+    (["augment.scale=[1.1]"], "augment.scale=[1.1] must be [low, high]"),
+    (["augment=s9", "augment.after_normalize.0.hole_height_range=[40,40]"],
+     "augment: CoarseDropout cannot run on 32x32 images (data.image_size)"),
+    (["data.mean=[0.5,0.5]"], "need one value per image channel (model.in_channels=3)"),
+    (["data.std=[0.2,0,0.2]"], "data.std.1=0: Input should be greater than 0"),
+    (["data.limit_train=5"], "data.limit_train=5 is fewer images than the 10 classes"),
+    (["data.val_size=500", "data.limit_train=400"],
+     "data.val_size=500 leaves no training images of data.limit_train=400"),
+    (["data.format=hdf5"], "data.format='hdf5': Input should be 'official' or 'folder'"),
+    (["seed=-1"], "seed=-1: Input should be greater than or equal to 0"),
+    (["trainer.device=gpu"], "trainer.device='gpu': Value error, not a device"),
+    (["trainer.device=cuda:99"], "trainer.device=cuda:99, but PyTorch sees"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "expected"), GATE)
+def test_the_gate_refuses_values_that_would_fail_late(overrides, expected):
+    with pytest.raises((UserError, InstantiationException)) as err:
+        validate(compose_train(*overrides))
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optimizer.momentum=-1"], "optimizer: SGD rejected its config"),
+        (["model.transition.type=dilated_nostride",
+          "+model.transition.dilated_nostride.dilation=9"],
+         "the network cannot run on 3x32x32 images"),
+    ],
+)  # fmt: skip
+def test_values_the_network_or_optimizer_refuses_stop_before_the_data_loads(overrides, expected):
+    cfg = compose_train(*overrides, "data.format=folder", "data.root=/nonexistent")
+    with pytest.raises(UserError, match=re.escape(expected)):
+        build(cfg, validate(cfg))
 
 
 def test_every_bad_value_is_named_at_once(tmp_path):
@@ -59,19 +114,6 @@ def test_every_bad_value_is_named_at_once(tmp_path):
                    check=False)  # fmt: skip
     assert_refused(proc, "trainer.epochs=0", code=2)
     assert "data.batch_size=0" in proc.stdout + proc.stderr
-
-
-def write_tree(root: Path, classes: dict[str, list[str]]) -> Path:
-    """root/{train,test}/<class>/<n>.png; an image named 'broken' is not an image."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for name in classes[split]:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(3):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
 
 
 def folder_data(root: Path) -> list[str]:
@@ -96,11 +138,19 @@ def test_fewer_classes_than_the_model_is_named(tmp_path):
 
 def test_an_unreadable_image_is_named(tmp_path):
     root = write_tree(tmp_path / "data", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
-    broken = root / "train" / "dog" / "1.png"
+    broken = root / "train" / "dog" / "0001.png"
     broken.write_bytes(b"not an image")
     proc = run_cli("train", *folder_data(root), f"hydra.run.dir={tmp_path / 'run'}",
                    check=False)  # fmt: skip
     assert_refused(proc, f"cannot read image {broken}", tmp_path / "run", code=2)
+
+
+def test_images_of_another_size_are_named(tmp_path):
+    root = write_tree(tmp_path / "data", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    overrides = [*folder_data(root), "data.image_size=28", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_cli("train", *overrides, check=False)
+    assert_refused(proc, "the images are 32x32 with 3 channels, but the config says 28x28",
+                   tmp_path / "run", code=2)  # fmt: skip
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -128,10 +178,9 @@ def test_an_unwritable_output_folder_is_named_and_nothing_is_created(tmp_path):
 
 def saved_run(tmp_path: Path, model_state: dict | None = None) -> Path:
     """A run folder whose last.pt has the default config and, unless given, matching weights."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["trainer.progress=false"])
+    cfg = compose_train("trainer.progress=false")
     config = OmegaConf.to_container(cfg, resolve=True)
-    model = ConvNet(cfg.model.blocks)
+    model = instantiate(cfg.model)
     state = {"model": model_state or model.state_dict(), "optimizer": {}, "scheduler": {},
              "epoch": 1, "best_test_acc": 0.1, "config": config}  # fmt: skip
     run_dir = tmp_path / "run"
@@ -177,18 +226,30 @@ def test_a_bad_checkpoint_is_refused(how, expected, tmp_path):
     if how == "missing":
         run_dir = tmp_path / "elsewhere"
     damage_checkpoint(run_dir, how, tmp_path)
-    before = sorted(p.name for p in run_dir.rglob("*")) if run_dir.exists() else []
+    before = run_files(run_dir)
     proc = run_cli("train", f"trainer.resume={run_dir}", check=False)
     assert_refused(proc, expected, code=2)
-    after = sorted(p.name for p in run_dir.rglob("*")) if run_dir.exists() else []
-    assert after == before  # refused before Hydra wrote anything
+    assert run_files(run_dir) == before  # nothing but the log and Hydra's record of the try
+    assert run_dir.exists() == (how != "missing")  # no folder made for a mistyped path
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """The run folder's files and their bytes, less Hydra's log and records."""
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in run_dir.rglob("*")
+        if p.is_file() and p.name != "train.log" and ".hydra" not in p.parts
+    }
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_the_data_loads(tmp_path):
     other = ConvNet([{"convs": [8], "transition": {"channels": 16, "type": "strided"}}])
     run_dir = saved_run(tmp_path, other.state_dict())
-    proc = run_cli("train", f"trainer.resume={run_dir}", check=False)
+    proc = run_cli(
+        "train", f"trainer.resume={run_dir}", "data.root=/nonexistent", "data.format=folder",
+        check=False,
+    )  # fmt: skip
     assert_refused(proc, "holds the weights of another model", code=2)
     assert "Missing key(s)" in proc.stdout + proc.stderr or "size mismatch" in proc.stdout
 

@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 from conftest import compose_train
+from hydra.utils import instantiate
 from torch import nn
 
-from cifar_exp import models
 from cifar_exp.fast_layers import PackedDropout, SubsampledConv2d, swap_in
 
 
@@ -35,7 +35,7 @@ def test_subsampled_conv_matches_the_dilated_strided_conv(size, padding, step):
 
 
 def seed_model() -> nn.Module:
-    return models.build(compose_train().model)
+    return instantiate(compose_train().model)
 
 
 def test_swap_in_turns_the_seed_transitions_and_dropouts_and_keeps_the_numbers():

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchinfo
 from conftest import compose_train
+from hydra.utils import instantiate
 
-from cifar_exp import models
 from cifar_exp.models import ConvNet
 
 # (layer type, output shape without the batch) of every row of ../shared/seed/README.md's table.
@@ -44,7 +44,7 @@ SEED_CONV_PARAMS = [
 
 @pytest.fixture
 def seed_net() -> ConvNet:
-    return models.build(compose_train("model=s9").model)
+    return instantiate(compose_train("model=s9").model)
 
 
 def leaf_layers(model: torch.nn.Module) -> list[torchinfo.layer_info.LayerInfo]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import pytest
-from conftest import CONF, compose_train, data_overrides, read_metrics, run_cli, wandb_records
-from omegaconf import OmegaConf
+from conftest import data_overrides, read_metrics, run_cli, wandb_records
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NORMS = ["batch", "group", "layer"]
@@ -40,18 +41,11 @@ def table_rows(report_md: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
-def test_norm_comparison_preset_sweeps_three_norms():
-    preset = OmegaConf.load(CONF / "experiment" / "norm_comparison.yaml")
-    assert preset.hydra.sweeper.params == {"model/norm": ",".join(NORMS)}
-    cfg = compose_train("experiment=norm_comparison")  # the seed recipe otherwise
-    assert cfg.trainer.epochs == 50 and cfg.scheduler.lr_scheduler.step_size == 23
-
-
 def test_sweep_runs_one_folder_per_norm(sweep):
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [r.name.split("_", 1)[0] for r in runs] == ["0", "1", "2"]
     for run, norm in zip(runs, NORMS, strict=True):
-        assert run.name.endswith(f"model-norm={norm},trainer.epochs=1")  # no nested folders
+        assert run.name.endswith(f"model-norm-{norm}_trainer.epochs-1")  # no nested folders
         assert len(read_metrics(run)) == 1
 
 
@@ -62,7 +56,7 @@ def test_report_has_one_row_per_run_with_its_numbers(report):
     for row, run in zip(rows, runs, strict=True):
         (metrics,) = read_metrics(run)
         assert row[2:4] == ["180,298", "105"]  # parameters, receptive field
-        assert row[4] == f"{100 * metrics['test_acc']:.2f}% (epoch 1)"
+        assert row[4] == f"{100 * metrics['test_acc']:.2f}% (epoch 1, by test_acc)"
         assert row[5] == f"{100 * metrics['test_acc']:.2f}%"
         assert row[6] == "1"
         assert float(row[7]) == pytest.approx(metrics["epoch_seconds"], abs=0.05)
@@ -86,6 +80,23 @@ def test_report_logs_the_table_to_wandb(report):
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     tables = [h for h in history if h.get("runs._type") == "table-file"]
     assert len(tables) == 1 and tables[0]["runs.nrows"] == 3
+
+
+def test_report_reads_each_runs_results_and_skips_a_run_without_them(sweep, tmp_path):
+    """The numbers come from results.json alone: the report measures no network again."""
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy)
+    first, second, third = sorted(p for p in copy.iterdir() if p.is_dir() and p.name != "wandb")
+    results = json.loads((first / "results.json").read_text())
+    results.update(params=123, receptive_field=45, best_test_acc=0.5)
+    (first / "results.json").write_text(json.dumps(results))
+    (second / "results.json").unlink()  # killed before its first epoch ended, say
+    proc = run_cli("report", str(copy), "--images", "0")
+    assert f"Skipping {second}: no results.json" in proc.stdout + proc.stderr
+    rows = table_rows((copy / "report.md").read_text())
+    assert [row[1] for row in rows] == ["model/norm=batch", "model/norm=layer"]
+    assert rows[0][2:5] == ["123", "45", "50.00% (epoch 1, by test_acc)"]
+    assert third.name.endswith("layer_trainer.epochs-1")
 
 
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, data_overrides, read_metrics, run_cli, wandb_records
+from conftest import REPO, compose_train, data_overrides, read_metrics, run_cli, wandb_records
 
-from cifar_exp import checkpoint
+from cifar_exp import checkpoint, resume
+from cifar_exp.builder import build
+from cifar_exp.validation import validate
 
 TIMING = {"epoch_seconds", "images_per_second"}
 
@@ -86,10 +89,19 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_as_left_alone(
     stop_during_epoch_2(proc, run_dir, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    old_format = tmp_path / "old-format"
+    shutil.copytree(run_dir, old_format)
 
-    run_cli("train", f"trainer.resume={run_dir}", "trainer.progress=false")
+    output = resume_counting_loads(run_dir)
     assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]
     assert_same_run(run_dir, uninterrupted)
+    # The checkpoint is read once (the Hydra callback only checks that it is there).
+    assert output.count(f"torch.load {run_dir / 'checkpoints' / 'last.pt'}") == 1, output
+
+    # A checkpoint as the versions before the run record wrote it resumes the same way.
+    write_old_format(old_format / "checkpoints" / "last.pt")
+    run_cli("train", f"trainer.resume={old_format}", "trainer.progress=false")
+    assert_same_run(old_format, uninterrupted)
 
     # The same W&B run continues: one run id, no epoch logged twice. (W&B offline holds the
     # last logged row in its service until the next step, so a SIGKILL may lose epoch 1 there;
@@ -103,6 +115,38 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_as_left_alone(
     assert {2, 3} <= set(logged) and len(logged) == len(set(logged))
 
 
+def resume_counting_loads(run_dir: Path) -> str:
+    """`python -m cifar_exp.train trainer.resume=<run_dir>`, printing every torch.load."""
+    script = (
+        "import sys, torch\n"
+        "real = torch.load\n"
+        "def counted(f, *a, **k):\n"
+        "    print('torch.load', f, flush=True)\n"
+        "    return real(f, *a, **k)\n"
+        "torch.load = counted\n"
+        "from cifar_exp.train import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, f"trainer.resume={run_dir}", "trainer.progress=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def write_old_format(path: Path) -> None:
+    """Rewrite a checkpoint as cifar_exp wrote them before its run record: budget keys in
+    `model`, no monitor, image size or runtime keys, best_test_acc at the top level."""
+    state = torch.load(path, weights_only=True)
+    config = state["config"]
+    config["model"].update(config.pop("budget"))
+    del config["runtime_keys"], config["trainer"]["monitor"], config["data"]["image_size"]
+    state["best_test_acc"] = state.pop("monitor")["best_value"]
+    state["scaler"] = {}
+    torch.save(state, path)
+
+
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(
     uninterrupted, cifar_root, cache_dir, tmp_path
 ):
@@ -114,6 +158,12 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(
     assert "Traceback" not in output
     stopped = checkpoint.load(run_dir / "checkpoints" / "interrupted.pt")
     assert stopped["epoch"] == 2 and stopped["step"] >= 1
+    # The best so far is epoch 1's, as in last.pt (once recorded as -1.0 here).
+    (epoch_1,) = read_metrics(run_dir)
+    assert stopped["monitor"] == checkpoint.load(run_dir / "checkpoints" / "last.pt")["monitor"]
+    assert stopped["monitor"] == {
+        "metric": "test_acc", "best_epoch": 1, "best_value": epoch_1["test_acc"]
+    }  # fmt: skip
     exits = [r["exit"] for r in wandb_records(run_dir) if r["type"] == "exit"]
     assert [e["exit_code"] for e in exits] == [128 + signal.SIGTERM]
 
@@ -141,8 +191,34 @@ def test_resume_auto_finds_the_newest_run_with_the_same_config(
     assert "no run under output_root" in other.stdout + other.stderr
 
 
-def test_rewind_drops_epochs_after_the_checkpoint_and_partial_lines(tmp_path):
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')
-    assert checkpoint.rewind_metrics(metrics, 2) == [{"epoch": 1}, {"epoch": 2}]
-    assert metrics.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+def test_optimizer_state_follows_the_model_to_its_device(
+    uninterrupted, cifar_root, cache_dir, tmp_path
+):
+    """Restored once the model is on its device: here `meta`, which stands for any device
+    other than the CPU the checkpoint was read to (a GPU, cuda:1, MPS)."""
+    cfg = compose_train(
+        *data_overrides(cifar_root, cache_dir, train=100, test=100), "trainer.device=meta",
+        f"trainer.resume={uninterrupted}",
+    )  # fmt: skip
+    resumed = resume.load(cfg, uninterrupted, [f"trainer.resume={uninterrupted}"])
+    resumed.config.trainer.device = "meta"
+    # Per-image augmentation: its loader keeps the images on the CPU, where its random-number
+    # generator can live (there is none on meta).
+    resumed.config.augment = compose_train("augment=s9").augment
+    training = build(resumed.config, validate(resumed.config), resumed=resumed)
+    optimizer = training.trainee.optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {p.device.type for p in params} == {"meta"}
+    buffers = [s["momentum_buffer"] for s in optimizer.state.values()]
+    assert len(buffers) == len(params) and {b.device.type for b in buffers} == {"meta"}
+
+
+def test_an_earlier_versions_config_is_brought_up_to_date():
+    old = {"model": {"blocks": [], "max_params": 1000, "min_rf": 5},
+           "augment": {"_target_": "cifar_exp.augment.pipeline", "before_normalize": [
+               {"_target_": "albumentations.HorizontalFlip"}]}}  # fmt: skip
+    new = checkpoint.migrate(old)
+    assert new["budget"] == {"max_params": 1000, "min_rf": 5} and new["model"] == {"blocks": []}
+    assert new["augment"]["_target_"] == "cifar_exp.augment.Pipeline"
+    assert new["augment"]["before_normalize"][0]["_target_"] == "albumentations.HorizontalFlip"
+    assert old["model"]["max_params"] == 1000  # the given config is left as it was

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import compose_train, data_overrides, read_metrics, run_cli
 
-from cifar_exp.train import optimized_metric
+from cifar_exp.validation import validate
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,10 @@ def test_best_trial_is_printed_and_written_to_the_sweep_folder(study_dir):
 
 
 def test_search_optimises_the_validation_accuracy():
-    cfg = compose_train("hparams_search=optuna")
-    assert cfg.data.val_size == 5000 and optimized_metric(cfg) == "val_acc"
-    assert optimized_metric(compose_train()) == "test_acc"
-    assert optimized_metric(compose_train("data.val_size=10")) == "val_acc"
+    search = validate(compose_train("hparams_search=optuna"))
+    assert search.data.val_size == 5000 and search.optimized_metric == "val_acc"
+    assert validate(compose_train()).optimized_metric == "test_acc"
+    held_out = validate(compose_train("data.val_size=10"))
+    assert held_out.optimized_metric == held_out.trainer.monitor == "val_acc"
+    chosen = validate(compose_train("data.val_size=10", "trainer.monitor=val_loss"))
+    assert chosen.optimized_metric == "val_loss"

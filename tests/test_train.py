@@ -8,9 +8,10 @@ import pytest
 from conftest import compose_train, data_overrides, read_metrics, run_cli, wandb_records
 
 from cifar_exp.checkpoint import load
-from cifar_exp.evaluate import predict
+from cifar_exp.evaluate import predict_test_set
+from cifar_exp.validation import Data, checked
 
-# The issue's list, written out: a change to runner.EPOCH_METRICS must be deliberate.
+# The issue's list, written out: a change to loop.EPOCH_METRICS must be deliberate.
 METRIC_KEYS = {
     "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
     "images_per_second",
@@ -47,8 +48,8 @@ def test_smoke_training_learns_and_records_every_epoch(smoke_run):
 
 
 def test_run_folder_holds_every_file(smoke_run):
-    for name in ("metrics.jsonl", "summary.txt", "graphs.png", "checkpoints/last.pt",
-                 "checkpoints/best.pt", ".hydra/config.yaml"):  # fmt: skip
+    for name in ("metrics.jsonl", "results.json", "summary.txt", "graphs.png",
+                 "checkpoints/last.pt", "checkpoints/best.pt", ".hydra/config.yaml"):  # fmt: skip
         assert (smoke_run / name).is_file(), name
     assert (smoke_run / "graphs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (smoke_run / "summary.txt").read_text()
@@ -106,40 +107,69 @@ def test_evaluate_cli_scores_the_best_checkpoint(smoke_run, cifar_root, cache_di
     assert "airplane" in proc.stdout + proc.stderr  # the per-class table is printed
 
 
-def test_two_job_multirun_gives_two_wandb_runs_in_one_group(cifar_root, cache_dir, tmp_path):
-    sweep = tmp_path / "sweep"
+@pytest.fixture(scope="module")
+def sweep(cifar_root, cache_dir, tmp_path_factory):
+    """Two 1-epoch jobs, SGD and AdamW with norms that a group override sets."""
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "sweep"
     run_cli(
         "train",
         "-m",
         "optimizer=sgd,adamw",
+        "model/norm=group",
         *data_overrides(cifar_root, cache_dir, train=500, test=200),
         "trainer.epochs=1",
-        f"hydra.sweep.dir={sweep}",
+        f"hydra.sweep.dir={sweep_dir}",
     )
+    return sweep_dir
+
+
+def test_two_job_multirun_gives_two_wandb_runs_in_one_group(sweep):
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name[:2] for p in runs] == ["0_", "1_"]
-    assert "optimizer=sgd" in runs[0].name and "optimizer=adamw" in runs[1].name
+    # folder names that the project's commands take unquoted: no "=", "," or nesting
+    limits = "data.limit_test-200_data.limit_train-500"
+    assert [p.name for p in runs] == [
+        f"0_{limits}_model-norm-group_optimizer-sgd_trainer.epochs-1",
+        f"1_{limits}_model-norm-group_optimizer-adamw_trainer.epochs-1",
+    ]
     headers = [next(r["run"] for r in wandb_records(run) if r["type"] == "run") for run in runs]
     groups = {h["run_group"] for h in headers}
     assert len(groups) == 1 and groups.pop()
     names = [h["display_name"] for h in headers]  # the overrides, less where the data lives
-    assert names == [run.name[2:] for run in runs]
-    assert not any("data.root" in name for name in names)
+    limits = "data.limit_test=200,data.limit_train=500"
+    assert names == [
+        f"{limits},model/norm=group,optimizer=sgd,trainer.epochs=1",
+        f"{limits},model/norm=group,optimizer=adamw,trainer.epochs=1",
+    ]
     assert headers[0]["run_id"] != headers[1]["run_id"]
     for run in runs:
         assert len(read_metrics(run)) == 1
         assert any(r["type"] == "exit" for r in wandb_records(run))  # each run finished
 
 
+def test_a_sweep_jobs_folder_is_taken_as_the_readme_writes_it(sweep, cifar_root, cache_dir):
+    """python -m cifar_exp.evaluate ckpt=<job>/checkpoints/best.pt and
+    python -m cifar_exp.train trainer.resume=<job>, unquoted (once refused by Hydra's parser:
+    "mismatched input '='")."""
+    job = next(p for p in sweep.iterdir() if p.name.startswith("0_"))
+    data = data_overrides(cifar_root, cache_dir, train=10, test=200)[:5]
+    run_cli("evaluate", f"ckpt={job}/checkpoints/best.pt", *data, f"hydra.run.dir={job}/eval")
+    result = json.loads((job / "eval" / "eval.json").read_text())
+    assert result["accuracy"] == pytest.approx(read_metrics(job)[0]["test_acc"], abs=1e-6)
+    proc = run_cli("train", f"trainer.resume={job}", "trainer.progress=false")
+    assert f"Resuming {job} after epoch 1" in proc.stdout + proc.stderr
+    assert len(read_metrics(job)) == 1  # its one epoch was done
+
+
 def test_evaluate_flips_as_the_checkpoints_run_did_unless_told(smoke_run, cifar_root, cache_dir):
     checkpoint = load(smoke_run / "checkpoints" / "best.pt", option="ckpt")
     data_cfg = compose_train(*data_overrides(cifar_root, cache_dir, train=10, test=200)).data
-    _, plain_loss, *_ = predict(checkpoint, data_cfg)  # the smoke run tested without flips
-    _, flipped_loss, *_ = predict(checkpoint, data_cfg, flip=True)
+    data_settings = checked(Data, data_cfg)
+    _, plain_loss, *_ = predict_test_set(checkpoint, data_settings)  # tested without flips
+    _, flipped_loss, *_ = predict_test_set(checkpoint, data_settings, flip=True)
     checkpoint["config"]["trainer"]["test_flip"] = True
-    _, default_loss, *_ = predict(checkpoint, data_cfg)
+    _, default_loss, *_ = predict_test_set(checkpoint, data_settings)
     assert default_loss == flipped_loss != plain_loss
-    assert predict(checkpoint, data_cfg, flip=False)[1] == plain_loss
+    assert predict_test_set(checkpoint, data_settings, flip=False)[1] == plain_loss
 
 
 def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-import torch
-from conftest import data_overrides, read_metrics, run_cli
-from test_runner import BLOCKS, CPU, RecordingTracker, random_loader
+from conftest import (
+    CPU,
+    TINY_BLOCKS,
+    data_overrides,
+    make_record,
+    make_trainee,
+    numbered_images,
+    random_loader,
+    read_metrics,
+    run_cli,
+)
 
-from cifar_exp import data
+from cifar_exp import checkpoint, data
 from cifar_exp.errors import UserError
+from cifar_exp.loaders import Loaders
+from cifar_exp.loop import EPOCH_METRICS, VAL_METRICS, LoopOptions, fit, predict
 from cifar_exp.models import ConvNet
-from cifar_exp.runner import EPOCH_METRICS, VAL_METRICS, evaluate, fit
-
-
-def image_set(per_class=20, classes=10):  # 200 images, numbered by their pixels
-    labels = np.repeat(np.arange(classes), per_class)
-    images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None] * np.ones(
-        (1, 32, 32, 3), dtype=np.uint8
-    )
-    return data.ImageSet(images, labels, tuple(f"c{i}" for i in range(classes)))
 
 
 def test_hold_out_is_balanced_disjoint_and_seeded():
-    full = image_set()
+    full = numbered_images()
     train, val = data.hold_out(full, 50, seed=0)
     assert len(val.labels) == 50 and len(train.labels) == 150
     assert np.bincount(val.labels).tolist() == [5] * 10
@@ -39,26 +42,23 @@ def test_hold_out_is_balanced_disjoint_and_seeded():
     assert set(val.images[:, 0, 0, 0]) != set(data.balanced_subset(full.labels, 50))
 
 
-@pytest.mark.parametrize("size", [0, 200, 400])
+@pytest.mark.parametrize("size", [200, 400])
 def test_hold_out_refuses_sizes_that_leave_nothing(size):
     with pytest.raises(UserError, match="data.val_size"):
-        data.hold_out(image_set(), size, seed=0)
+        data.hold_out(numbered_images(), size, seed=0)
 
 
 def test_fit_records_validation_metrics(tmp_path):
-    model = ConvNet(BLOCKS)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 5)
-    loader, val_loader = random_loader(), random_loader(n=32)
-    history = fit(
-        model, optimizer, scheduler, loader, loader, epochs=1, compute=CPU, run_dir=tmp_path,
-        tracker=RecordingTracker(), progress=False, val_loader=val_loader,
-    )  # fmt: skip
-    assert tuple(history[0]) == EPOCH_METRICS + VAL_METRICS
-    assert read_metrics(tmp_path) == history
-    val_loss, predictions, targets = evaluate(model, val_loader, CPU)
-    assert history[0]["val_loss"] == pytest.approx(val_loss)
-    assert history[0]["val_acc"] == pytest.approx((predictions == targets).float().mean().item())
+    trainee = make_trainee(ConvNet(TINY_BLOCKS))
+    loader, val_loader = random_loader(), random_loader(n=32, seed=1)
+    record = make_record(tmp_path, monitor="val_acc", epochs=1)
+    fit(trainee, Loaders(loader, loader, val_loader), LoopOptions(1, 0, progress=False), record)
+    (metrics,) = record.history
+    assert tuple(metrics) == EPOCH_METRICS + VAL_METRICS
+    assert read_metrics(tmp_path) == record.history
+    val_loss, predictions, targets = predict(trainee.model, val_loader, CPU)
+    assert metrics["val_loss"] == pytest.approx(val_loss)
+    assert metrics["val_acc"] == pytest.approx((predictions == targets).float().mean().item())
 
 
 def test_cli_reports_and_optimises_the_validation_accuracy(cifar_root, cache_dir, tmp_path):
@@ -73,6 +73,10 @@ def test_cli_reports_and_optimises_the_validation_accuracy(cifar_root, cache_dir
     assert f"best_val_acc: {metrics['val_acc']}" in (tmp_path / "summary.txt").read_text()
     assert "200 training and 100 test images" in proc.stderr + proc.stdout
     assert f"best val_acc {metrics['val_acc']:.4f}" in proc.stderr + proc.stdout
+    # the validation split, not the test set, chose the model
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["monitor"] == "val_acc" and results["best_val_acc"] == metrics["val_acc"]
+    assert checkpoint.load(tmp_path / "checkpoints" / "best.pt")["monitor"]["metric"] == "val_acc"
 
 
 def test_val_metric_without_val_size_is_refused(tmp_path):

@@ -15,7 +15,6 @@ from conftest import REPO, compose_train
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from cifar_exp.train import optimized_metric
 from cifar_exp.validation import validate
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -59,7 +58,7 @@ def test_agent_arguments_compose_validate_and_set_the_values(path, end):
     command = agent_command(sweep, values)
     assert command[:4] == ["/usr/bin/env", sys.executable, "-m", "cifar_exp.train"]
     cfg = compose_train(*command[4:])
-    validate(cfg)
+    settings = validate(cfg)
     for key, value in values.items():
         composed = OmegaConf.select(cfg, key.replace("/", "."))
         if OmegaConf.is_config(composed):  # a group choice (scheduler=cosine, model/norm=group)
@@ -68,7 +67,7 @@ def test_agent_arguments_compose_validate_and_set_the_values(path, end):
         else:
             assert composed == (pytest.approx(value) if isinstance(value, float) else value)
     # the sweep's metric is what the run writes to its W&B summary, measured on the hold-out
-    assert sweep["metric"]["name"] == f"best_{optimized_metric(cfg)}" == "best_val_acc"
+    assert sweep["metric"]["name"] == f"best_{settings.optimized_metric}" == "best_val_acc"
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)

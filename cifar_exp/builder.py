@@ -1,0 +1,117 @@
+"""What the config names, built in the order that fails cheapest first: the network (measured
+against its budget, then on its device, with a resumed run's weights), its optimizer, the data
+and its loaders, the schedule. The entry points, the bench and the tests all build here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torchinfo
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from cifar_exp import budget, data, distributed
+from cifar_exp.compute import resolve_compute
+from cifar_exp.errors import UserError, call_factory
+from cifar_exp.loaders import Loaders
+from cifar_exp.loop import Schedule, Trainee
+from cifar_exp.resume import Resumed
+from cifar_exp.validation import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Training:
+    """Everything the config names, built and ready for the training loop."""
+
+    trainee: Trainee
+    loaders: Loaders
+    classes: tuple[str, ...]
+    sizes: tuple[int, int]  # training and test images
+    params: int
+    receptive_field: int
+    summary: str  # torchinfo's table of the network
+
+
+def build(
+    cfg: DictConfig,
+    settings: Settings,
+    ranks: distributed.Ranks | None = None,
+    resumed: Resumed | None = None,
+) -> Training:
+    """The run that `cfg` (checked as `settings`) configures, for this process's `ranks`,
+    continuing the `resumed` checkpoint if given.
+
+    A network outside its budget, or a checkpoint of another network, fails before the data
+    is loaded.
+    """
+    ranks = ranks or distributed.Ranks()
+    compute = resolve_compute(distributed.rank_device(settings.device, ranks), settings.trainer)
+    if settings.trainer.threads:
+        torch.set_num_threads(settings.trainer.threads)
+    model = instantiate(cfg.model)
+    size = settings.data.image_size
+    image_shape = (settings.model.in_channels, size, size)
+    params, rf = budget.enforce(model, settings.budget, image_shape)
+    log.info("Model: %s parameters, receptive field %d pixels", f"{params:,}", rf)
+    # On the CPU before the model moves: torchinfo would otherwise pick a device of its own.
+    summary = str(torchinfo.summary(model, input_size=(1, *image_shape), device="cpu", verbose=0))
+    if settings.trainer.sync_batchnorm and ranks.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    forward = compute.prepare(model)
+    if resumed:
+        resumed.restore_model(model)
+    optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
+
+    train_set, test_set = data.load(settings.data, "train"), data.load(settings.data, "test")
+    check_data(train_set, test_set, settings)
+    val_set = None
+    if settings.data.val_size:
+        train_set, val_set = data.hold_out(
+            train_set, settings.data.val_size, settings.data.val_seed
+        )
+    augmentation = instantiate(cfg.augment)
+    test_time = augmentation.test_time()
+    common = dict(
+        batch_size=settings.data.batch_size, seed=settings.seed, device=compute.device,
+        num_workers=settings.data.num_workers,
+    )  # fmt: skip
+    loaders = Loaders(
+        train=augmentation.loader(train_set, shuffle=True, ranks=ranks, **common),
+        test=test_time.loader(test_set, shuffle=False, **common),
+        val=test_time.loader(val_set, shuffle=False, **common) if val_set is not None else None,
+    )
+    schedule = Schedule.from_config(cfg.scheduler, optimizer, len(loaders.train))
+    trainee = Trainee(model, forward, optimizer, schedule, compute.grad_scaler(), compute)
+    if resumed:
+        resumed.restore_training(trainee)
+    sizes = (len(train_set.labels), len(test_set.labels))
+    return Training(trainee, loaders, train_set.classes, sizes, params, rf, summary)
+
+
+def check_data(train_set: data.ImageSet, test_set: data.ImageSet, settings: Settings) -> None:
+    """What only the loaded data can tell: its classes and image size against the config."""
+    if train_set.classes != test_set.classes:
+        missing = set(train_set.classes) ^ set(test_set.classes)
+        raise UserError(
+            f"train and test classes differ (only in one split: {', '.join(sorted(missing))}); "
+            "each class needs a folder in both data.root/train and data.root/test"
+        )
+    num_classes = settings.model.num_classes
+    if len(train_set.classes) != num_classes:
+        raise UserError(
+            f"the data has {len(train_set.classes)} classes ({', '.join(train_set.classes)}) "
+            f"but model.num_classes={num_classes}; add the missing class folders or set "
+            "model.num_classes"
+        )
+    shape = train_set.images.shape[1:]
+    size, channels = settings.data.image_size, settings.model.in_channels
+    if shape != (size, size, channels):
+        raise UserError(
+            f"the images are {shape[0]}x{shape[1]} with {shape[2]} channels, but the config "
+            f"says {size}x{size} (data.image_size) with {channels} (model.in_channels)"
+        )

@@ -1,0 +1,174 @@
+"""Batches for the training loop, in two kinds that an augmentation picks (augment.py):
+
+`TensorLoader`: a whole split held as one uint8 tensor on the training device, batches sliced
+and augmented as tensor operations; `WorkerLoader`: a DataLoader whose workers augment image
+by image. Each seeds its own epochs (`seed_epoch`), so a resumed run repeats them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+
+from cifar_exp import distributed
+from cifar_exp.data import ImageSet
+
+
+class Loader(Protocol):
+    """What the training loop needs of a loader: batches, their number, per-epoch seeding."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+    def seed_epoch(self, seed: int, epoch: int) -> None: ...
+
+
+@dataclass
+class Loaders:
+    train: Loader
+    test: Loader
+    val: Loader | None = None  # images held out of the training set (data.val_size)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for epoch `epoch` that depends on (seed, epoch) alone.
+
+    Epoch e then draws the same images in the same order with the same augmentation whether
+    the run went straight through or was resumed before it.
+    """
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class TensorLoader:
+    """Batches sliced from a whole split held as one uint8 tensor on the training device.
+
+    Shuffling, slicing and the batched augmentation run as a few tensor operations per batch:
+    no per-image Python and no worker processes. One generator on the device drives the order
+    and the augmentation, so a seed fixes both. Yields (images, labels) like a DataLoader.
+
+    Under DDP (`ranks`) every rank draws the same global batch and augments it, then keeps
+    its own share: the ranks together see what a single process would.
+    """
+
+    def __init__(
+        self,
+        data: ImageSet,
+        augmentation: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        device: torch.device,
+        num_workers: int = 0,  # unused: slicing on the device needs no worker processes
+        ranks: distributed.Ranks | None = None,
+    ) -> None:
+        # NHWC storage seen as NCHW: the layout channels_last wants, at no copy.
+        self.images = torch.from_numpy(data.images).to(device).permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(data.labels).to(device)
+        self.augmentation, self.batch_size, self.shuffle = augmentation, batch_size, shuffle
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.ranks = ranks or distributed.Ranks()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, device = len(self.labels), self.labels.device
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator, device=device)
+        else:
+            order = torch.arange(n, device=device)
+        for batch in order.split(self.batch_size):
+            images = self.augmentation(self.images[batch], self.generator)
+            if self.ranks.world_size > 1:
+                share = distributed.shard(torch.arange(len(batch), device=device), self.ranks)
+                images, batch = images[share], batch[share]
+            yield images, self.labels[batch]
+
+    def seed_epoch(self, seed: int, epoch: int) -> None:
+        """The epoch's order and augmentation, from (seed, epoch)."""
+        self.generator.manual_seed(epoch_seed(seed, epoch))
+
+
+class AugmentedImages(Dataset):
+    """uint8 HWC images passed through a per-image pipeline that ends in a tensor."""
+
+    def __init__(self, data: ImageSet, transform: Callable) -> None:
+        self.data = data
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(image=self.data.images[i])["image"], int(self.data.labels[i])
+
+
+def reseed_worker_transform(worker_id: int) -> None:
+    """Give each worker's copy of the pipeline its own stream, drawn from the loader's seed.
+
+    albumentations keeps its own random state, which forked workers would otherwise share.
+    Workers ignore Ctrl-C: the main process stops training after the current step.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    info = get_worker_info()
+    info.dataset.transform.set_random_seed(info.seed % 2**32)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader over images augmented one by one (`transform`, with `set_random_seed`) in
+    `num_workers` worker processes; it hands CPU tensors to the loop.
+
+    Under DDP (`ranks`) a DistributedSampler gives each rank its share of the data set, in
+    batches of batch_size / world_size.
+    """
+
+    def __init__(
+        self,
+        data: ImageSet,
+        transform: Callable,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        device: torch.device,
+        num_workers: int,
+        ranks: distributed.Ranks | None = None,
+    ) -> None:
+        transform.set_random_seed(seed)
+        dataset = AugmentedImages(data, transform)
+        self.rank_sampler = None
+        if ranks is not None and ranks.world_size > 1:
+            self.rank_sampler = DistributedSampler(
+                dataset, ranks.world_size, ranks.rank, shuffle=shuffle, seed=seed
+            )
+            batch_size, shuffle = batch_size // ranks.world_size, False  # the sampler shuffles
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.rank_sampler,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,  # workers restart each epoch and draw fresh seeds
+            worker_init_fn=reseed_worker_transform if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def seed_epoch(self, seed: int, epoch: int) -> None:
+        """The epoch's order and the workers' seeds (or, with no workers, the pipeline's
+        stream), from (seed, epoch)."""
+        this_epoch = epoch_seed(seed, epoch)
+        self.generator.manual_seed(this_epoch)
+        if self.rank_sampler is not None:
+            self.rank_sampler.set_epoch(epoch)  # DDP: the sampler's order, from its seed and epoch
+        if self.num_workers == 0:
+            self.dataset.transform.set_random_seed(this_epoch)

@@ -1,0 +1,234 @@
+"""The run record: the one writer of a run folder's files, and of the same to its W&B run.
+
+    metrics.jsonl      one JSON object per finished epoch (rewound to the checkpoint on resume)
+    results.json       best and final scores, the epoch of the best and the metric that chose
+                       it, parameters, receptive field, epochs, mean epoch time (every epoch)
+    summary.txt        the network's torchinfo table, then the results
+    graphs.png         loss and accuracy per epoch
+    checkpoints/       last.pt and best.pt every epoch; interrupted.pt on a stop signal
+
+"Best" is decided here alone: the epoch with the best value of `trainer.monitor` (the lowest
+loss or the highest accuracy; the earlier epoch on a tie). Under DDP every rank keeps the
+history and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_exp import checkpoint, interrupt, plots, tracking
+from cifar_exp.loop import SCORES
+
+if TYPE_CHECKING:
+    from cifar_exp.builder import Training
+    from cifar_exp.loop import Trainee
+    from cifar_exp.resume import Resumed
+    from cifar_exp.validation import Settings
+
+log = logging.getLogger(__name__)
+
+METRICS, RESULTS, SUMMARY, GRAPHS = "metrics.jsonl", "results.json", "summary.txt", "graphs.png"
+CHECKPOINTS = Path("checkpoints")
+
+
+def best_epoch(history: list[dict], metric: str) -> dict:
+    """The epoch's metrics with the best value of `metric`; the earlier epoch on a tie."""
+    pick = min if metric.endswith("loss") else max
+    return pick(history, key=lambda m: m[metric])
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rewind_metrics(metrics_file: Path, epoch: int, rewrite: bool = True) -> list[dict]:
+    """The metrics of epochs 1..epoch (the checkpoint's), with later or partial lines dropped
+    from the file too when `rewrite`.
+
+    A run killed after writing an epoch's metrics but before its checkpoint, or in the
+    middle of a line, would otherwise get that epoch twice.
+    """
+    if not metrics_file.is_file():
+        return []
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a partial last line
+        if record.get("epoch") == len(kept) + 1 <= epoch:
+            kept.append(record)
+    if rewrite:
+        write_atomically(metrics_file, "".join(json.dumps(m) + "\n" for m in kept))
+    return kept
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the record states about a run besides its epochs."""
+
+    monitor: str = "test_acc"  # the metric that chooses checkpoints/best.pt
+    optimized_metric: str = "test_acc"  # what the run returns to a sweeper
+    epochs: int = 1  # the last epoch to train
+    params: int = 0
+    receptive_field: int = 0
+    config: dict | None = None  # the resolved config, kept in every checkpoint
+    classes: tuple[str, ...] = ()
+
+
+class RunRecord:
+    """Keeps a run's epochs and writes its folder (see the module's docstring)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        facts: RunFacts,
+        tracker: Any,
+        *,
+        done_epochs: int = 0,
+        history: list[dict] | None = None,
+        writes: bool = True,
+    ) -> None:
+        self.run_dir, self.facts, self.tracker, self.writes = run_dir, facts, tracker, writes
+        self.next_epoch = done_epochs + 1
+        self.history = list(history or [])
+        if writes:
+            run_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls,
+        run_dir: Path,
+        cfg: DictConfig,
+        settings: Settings,
+        training: Training,
+        resumed: Resumed | None = None,
+        writes: bool = True,
+    ) -> Iterator[RunRecord]:
+        """The record of the run that `cfg` configures and `training` built, continuing the
+        `resumed` one if given, with its W&B run open for the block (marked failed if the
+        block raises)."""
+        facts = RunFacts(
+            monitor=settings.trainer.monitor,
+            optimized_metric=settings.optimized_metric,
+            epochs=settings.trainer.epochs,
+            params=training.params,
+            receptive_field=training.receptive_field,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            classes=training.classes,
+        )
+        done = resumed.epoch if resumed else 0
+        history = rewind_metrics(run_dir / METRICS, done, rewrite=writes) if resumed else []
+        log.info("Model:\n%s", training.summary)
+        log.info(
+            "%s; %d training and %d test images; run folder %s",
+            training.trainee.compute, *training.sizes, run_dir,
+        )  # fmt: skip
+        logger_cfg = cfg.logger if writes else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
+        run_id = resumed.wandb_run_id if resumed else None
+        with tracking.start_run(logger_cfg, run_dir, facts.config, run_id=run_id) as tracker:
+            tracker.summary.update(
+                {"params": facts.params, "receptive_field": facts.receptive_field}
+            )
+            record = cls(run_dir, facts, tracker, done_epochs=done, history=history, writes=writes)
+            if writes:
+                (run_dir / SUMMARY).write_text(training.summary + "\n")
+            yield record
+
+    @property
+    def best(self) -> dict:
+        return best_epoch(self.history, self.facts.monitor)
+
+    def end_epoch(self, metrics: dict, trainee: Trainee) -> None:
+        """Keep a finished epoch: its metrics line, its log, last.pt, and best.pt if it is the
+        best epoch so far."""
+        self.history.append(metrics)
+        if not self.writes:
+            return
+        with (self.run_dir / METRICS).open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.tracker.log(metrics, step=metrics["epoch"])
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.3g  %.1fs",
+            metrics["epoch"], self.facts.epochs, metrics["train_loss"], metrics["train_acc"],
+            metrics["test_loss"], metrics["test_acc"], metrics["lr"], metrics["epoch_seconds"],
+        )  # fmt: skip
+        state = self.checkpoint(trainee, epoch=metrics["epoch"], metrics=metrics)
+        checkpoint.save(state, self.run_dir / CHECKPOINTS / "last.pt")
+        if self.best is metrics:
+            checkpoint.save(state, self.run_dir / CHECKPOINTS / "best.pt")
+        write_atomically(self.run_dir / RESULTS, json.dumps(self.results(), indent=2) + "\n")
+
+    def keep_interrupted(self, trainee: Trainee, stop: interrupt.Interrupted) -> None:
+        """The weights when a stop signal came mid-epoch, for a look; resuming restarts that
+        epoch from last.pt."""
+        if not self.writes:
+            return
+        state = self.checkpoint(trainee, epoch=stop.epoch, step=stop.step)
+        checkpoint.save(state, self.run_dir / CHECKPOINTS / "interrupted.pt")
+        log.warning(
+            "%s. Weights so far: checkpoints/interrupted.pt. Continue with "
+            "trainer.resume=%s (restarts epoch %d)",
+            stop, self.run_dir, stop.epoch,
+        )  # fmt: skip
+
+    def checkpoint(self, trainee: Trainee, **position: Any) -> dict:
+        """A checkpoint of the trainee at `position` (epoch, and step or metrics), with the
+        config, the classes, the W&B run id and the monitored metric's best so far."""
+        best = {"metric": self.facts.monitor, "best_epoch": None, "best_value": None}
+        if self.history:
+            best.update(best_epoch=self.best["epoch"], best_value=self.best[self.facts.monitor])
+        return checkpoint.capture(
+            trainee, **position, config=self.facts.config, classes=list(self.facts.classes),
+            wandb_run_id=self.tracker.id, monitor=best,
+        )  # fmt: skip
+
+    def results(self) -> dict[str, Any]:
+        best, last = self.best, self.history[-1]
+        return {
+            "monitor": self.facts.monitor,
+            "best_epoch": best["epoch"],
+            **{f"best_{name}": best[name] for name in SCORES if name in best},
+            "final_test_acc": last["test_acc"],
+            "final_train_acc": last["train_acc"],
+            "epochs": last["epoch"],
+            "params": self.facts.params,
+            "receptive_field": self.facts.receptive_field,
+            "mean_epoch_seconds": statistics.fmean(m["epoch_seconds"] for m in self.history),
+            "optimized_metric": self.facts.optimized_metric,
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """The results, written to results.json, summary.txt and the W&B summary, with the
+        curves and the best checkpoint as a W&B artifact."""
+        results = self.results()
+        if self.writes:
+            write_atomically(self.run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+            with (self.run_dir / SUMMARY).open("a") as f:
+                f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
+            graphs = plots.plot_curves(self.history, self.run_dir / GRAPHS)
+            tracking.log_results(
+                self.tracker, results, graphs, self.run_dir / CHECKPOINTS / "best.pt"
+            )
+        log.info(
+            "Best %s %.4f at epoch %d (test accuracy %.4f), final test accuracy %.4f. "
+            "Run folder: %s",
+            results["monitor"], results[f"best_{results['monitor']}"], results["best_epoch"],
+            results["best_test_acc"], results["final_test_acc"], self.run_dir,
+        )  # fmt: skip
+        name = self.facts.optimized_metric
+        log.info("Optimised metric: best %s %.4f", name, results[f"best_{name}"])
+        return results

@@ -1,0 +1,128 @@
+"""The training loop: when the schedule steps, what each epoch hands the record, seeding,
+test-time flips."""
+
+from __future__ import annotations
+
+import albumentations as A
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    CPU,
+    MEAN,
+    STD,
+    TINY_BLOCKS,
+    make_record,
+    make_trainee,
+    random_loader,
+    read_metrics,
+)
+
+from cifar_exp import data
+from cifar_exp.augment import Pipeline
+from cifar_exp.compute import resolve_device, seed_everything
+from cifar_exp.loaders import Loaders
+from cifar_exp.loop import EPOCH_METRICS, LoopOptions, fit, predict
+from cifar_exp.models import ConvNet
+
+
+def run_fit(tmp_path, scheduler_factory, interval="epoch", monitor=None, epochs=2):
+    trainee = make_trainee(ConvNet(TINY_BLOCKS), scheduler_factory, interval, monitor)
+    record = make_record(tmp_path, epochs=epochs)
+    loader = random_loader()
+    options = LoopOptions(epochs=epochs, seed=0, progress=False)
+    fit(trainee, Loaders(loader, loader), options, record)
+    return record, trainee.schedule.scheduler
+
+
+def test_onecycle_steps_every_batch(tmp_path):
+    record, scheduler = run_fit(
+        tmp_path,
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, epochs=2, steps_per_epoch=4),
+        interval="step",
+    )
+    assert scheduler.last_epoch == 2 * 4
+    assert record.history[0]["lr"] != record.history[1]["lr"]
+
+
+def test_epoch_schedulers_step_once_per_epoch(tmp_path):
+    _, scheduler = run_fit(
+        tmp_path, lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    )
+    assert scheduler.last_epoch == 2
+    assert scheduler.get_last_lr() == [pytest.approx(0.025)]
+
+
+def test_plateau_is_given_the_monitored_metric(tmp_path):
+    seen = []
+
+    class Spy(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics):
+            seen.append(metrics)
+            super().step(metrics)
+
+    record, _ = run_fit(tmp_path, Spy, monitor="test_loss")
+    assert seen == [m["test_loss"] for m in record.history]
+
+
+def test_every_epoch_reaches_the_record_metrics_file_and_tracker(tmp_path):
+    record, _ = run_fit(tmp_path, lambda opt: torch.optim.lr_scheduler.StepLR(opt, 5))
+    assert read_metrics(tmp_path) == record.history
+    assert all(tuple(m) == EPOCH_METRICS for m in record.history)
+    assert [step for step, _ in record.tracker.logged] == [1, 2]
+
+
+def seeded_history(subset, seed, tmp_path):
+    """Two epochs with dropout and flips by albumentations in 2 DataLoader workers."""
+    seed_everything(seed, deterministic=True)
+    trainee = make_trainee(ConvNet(TINY_BLOCKS, dropout=0.1), lr=0.05)
+    loaders = Loaders(
+        Pipeline(MEAN, STD, before_normalize=[A.HorizontalFlip()]).loader(
+            subset, batch_size=32, shuffle=True, seed=seed, device=CPU.device, num_workers=2
+        ),
+        Pipeline(MEAN, STD).loader(subset, batch_size=32, shuffle=False, seed=seed,
+                                   device=CPU.device),
+    )  # fmt: skip
+    record = make_record(tmp_path)
+    fit(trainee, loaders, LoopOptions(epochs=2, seed=seed, progress=False), record)
+    torch.use_deterministic_algorithms(False)
+    return [(m["train_loss"], m["test_loss"]) for m in record.history]
+
+
+def test_same_seed_same_numbers(cifar_root, cache_dir, tmp_path):
+    subset = data.load_split(str(cifar_root), "folder", "test", 200, str(cache_dir))
+    first = seeded_history(subset, 3, tmp_path / "a")
+    assert first == seeded_history(subset, 3, tmp_path / "b")
+    assert first != seeded_history(subset, 4, tmp_path / "c")
+
+
+def test_test_flip_averages_each_image_with_its_mirror_image():
+    torch.manual_seed(0)
+    model = ConvNet(TINY_BLOCKS).eval()
+    loader = random_loader(n=32, batch_size=16)
+    images, labels = (torch.cat(parts) for parts in zip(*loader, strict=True))
+    with torch.no_grad():
+        plain, averaged = model(images), (model(images) + model(images.flip(3))) / 2
+    for flip, logits in ((False, plain), (True, averaged)):
+        loss, predictions, targets = predict(model, loader, CPU, flip=flip)
+        assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+        assert torch.equal(predictions, logits.argmax(1)) and torch.equal(targets, labels)
+
+
+def test_batches_are_normalised_by_the_data_set_statistics():
+    loader = random_loader(n=16, batch_size=16)
+    (images, _), *_ = loader
+    raw = loader.images.float() / 255
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(images, (raw - mean) / std)
+
+
+def test_auto_device_falls_back_in_order(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+    assert resolve_device("cpu").type == "cpu"

@@ -1,0 +1,85 @@
+"""The run record: one writer of the run folder, one decision of "best"."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_BLOCKS, RecordingTracker, make_record, make_trainee, read_metrics
+
+from cifar_exp import checkpoint
+from cifar_exp.interrupt import Interrupted
+from cifar_exp.models import ConvNet
+from cifar_exp.record import RunFacts, RunRecord, best_epoch, rewind_metrics
+
+
+def epoch(n, test_acc, val_acc, test_loss=1.0):
+    return {"epoch": n, "train_loss": 1.0, "train_acc": 0.5, "test_loss": test_loss,
+            "test_acc": test_acc, "lr": 0.1, "epoch_seconds": 2.0 * n,
+            "images_per_second": 100.0, "val_loss": 1.0, "val_acc": val_acc}  # fmt: skip
+
+
+# Validation is best at epoch 2, the test set at epoch 3.
+HISTORY = [epoch(1, 0.30, 0.40), epoch(2, 0.50, 0.70), epoch(3, 0.60, 0.65)]
+
+
+def keep_all(run_dir, monitor):
+    record = make_record(run_dir, monitor=monitor, epochs=3)
+    trainee = make_trainee(ConvNet(TINY_BLOCKS))
+    for metrics in HISTORY:
+        record.end_epoch(dict(metrics), trainee)
+    return record, trainee
+
+
+@pytest.mark.parametrize(("monitor", "best"), [("val_acc", 2), ("test_acc", 3), ("test_loss", 1)])
+def test_the_monitored_metric_chooses_best_pt_and_the_results(tmp_path, monitor, best):
+    record, _ = keep_all(tmp_path, monitor)
+    best_pt = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
+    assert best_pt["epoch"] == best and best_pt["metrics"] == HISTORY[best - 1]
+    assert best_pt["monitor"] == {
+        "metric": monitor, "best_epoch": best, "best_value": HISTORY[best - 1][monitor]
+    }  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["monitor"] == monitor and results["best_epoch"] == best
+    assert results["best_test_acc"] == HISTORY[best - 1]["test_acc"]  # the chosen model's
+    assert results["final_test_acc"] == 0.60 and results["epochs"] == 3
+    assert results["mean_epoch_seconds"] == pytest.approx(4.0)
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["epoch"] == 3
+    assert read_metrics(tmp_path) == HISTORY
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_ties_keep_the_earlier_epoch():
+    history = [epoch(1, 0.5, 0.5), epoch(2, 0.5, 0.5)]
+    assert best_epoch(history, "test_acc")["epoch"] == 1
+    assert best_epoch(history, "test_loss")["epoch"] == 1
+
+
+def test_an_interrupted_checkpoint_holds_the_best_so_far(tmp_path):
+    """The stop path once read a history that fit never returned: best -1.0."""
+    record, trainee = keep_all(tmp_path, "test_acc")
+    record.keep_interrupted(trainee, Interrupted(15, epoch=4, step=7))
+    stopped = checkpoint.load(tmp_path / "checkpoints" / "interrupted.pt")
+    last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert (stopped["epoch"], stopped["step"]) == (4, 7)
+    assert stopped["monitor"] == last["monitor"] == {
+        "metric": "test_acc", "best_epoch": 3, "best_value": 0.60
+    }  # fmt: skip
+    assert torch.equal(stopped["model"]["classifier.weight"], last["model"]["classifier.weight"])
+
+
+def test_a_rank_that_does_not_write_keeps_the_history_only(tmp_path):
+    record = RunRecord(tmp_path / "run", RunFacts(), RecordingTracker(), writes=False)
+    record.end_epoch(dict(HISTORY[0]), make_trainee(ConvNet(TINY_BLOCKS)))
+    assert record.history == HISTORY[:1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_rewind_drops_epochs_after_the_checkpoint_and_partial_lines(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')
+    assert rewind_metrics(metrics, 2, rewrite=False) == [{"epoch": 1}, {"epoch": 2}]
+    assert metrics.read_text().endswith('{"epo')  # read only
+    assert rewind_metrics(metrics, 2) == [{"epoch": 1}, {"epoch": 2}]
+    assert metrics.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
