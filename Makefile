@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train bench test lint format clean
+.PHONY: install train bench gpu-check test lint format clean
 
 install: $(INSTALLED)
 
@@ -21,6 +21,10 @@ train: $(INSTALLED)
 # make bench ARGS="--repeats 3 data.limit_train=10000"  (CIFAR_DATA=<folder tree> for the copy)
 bench: $(INSTALLED)
 	$(PY) -m cifar_exp.bench $(ARGS)
+
+# make gpu-check ARGS="--data <CIFAR-10 folder, official folder or .tar.gz>"  (a CUDA GPU; README)
+gpu-check: $(INSTALLED)
+	$(PY) -m cifar_exp.gpucheck $(ARGS)
 
 # make test ARGS="-k data"  (CIFAR_DATA=<unpacked folder tree> skips unpacking ../shared/data)
 test: $(INSTALLED) lint

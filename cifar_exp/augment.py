@@ -42,11 +42,13 @@ class Augmentation(ABC):
         device: torch.device,
         num_workers: int = 0,
         ranks: distributed.Ranks | None = None,
+        last_batch: str = "keep",
     ) -> TensorLoader | WorkerLoader:
-        """Batches of `data` (all of it, or this rank's share) augmented by this."""
+        """Batches of `data` (all of it, or this rank's share) augmented by this; the last
+        partial batch kept, filled or dropped (`loaders.epoch_size`)."""
         return self.Loader(
             data, self, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device,
-            num_workers=num_workers, ranks=ranks,
+            num_workers=num_workers, ranks=ranks, last_batch=last_batch,
         )  # fmt: skip
 
     @abstractmethod
@@ -150,6 +152,7 @@ class BatchAugment(Augmentation):
         self.flip_p, self.affine_p, self.cutout_p = flip_p, affine_p, cutout_p
         self.translate, self.scale, self.rotate = translate, tuple(scale), rotate
         self.cutout_size = cutout_size
+        self.statistics: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def test_time(self) -> BatchAugment:
         return BatchAugment(self.mean, self.std)
@@ -166,14 +169,23 @@ class BatchAugment(Augmentation):
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """uint8 NCHW images in, augmented and normalised float images out."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        mean, std = self.normalisation(images.device)
         x = (images.float() / 255 - mean) / std
         if self.flip_p or self.affine_p:
             x = self._flip_and_affine(x, generator)
         if self.cutout_p:
             x = self._cutout(x, generator)
         return x
+
+    def normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std as (1, C, 1, 1) tensors on `device`, made once: copying them there
+        every batch would make the host wait for the GPU every step."""
+        if device not in self.statistics:
+            self.statistics[device] = tuple(
+                torch.tensor(values, device=device).view(1, -1, 1, 1)
+                for values in (self.mean, self.std)
+            )
+        return self.statistics[device]
 
     def _uniform(self, n: int, low: float, high: float, like: torch.Tensor, gen) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=gen, device=like.device)
@@ -186,12 +198,17 @@ class BatchAugment(Augmentation):
         angle = torch.deg2rad(self._uniform(n, -self.rotate, self.rotate, x, gen)) * affine
         scale = torch.where(affine, self._uniform(n, *self.scale, x, gen), 1.0)
         # Whole pixels, truncated toward zero, as albumentations' Affine does; in grid
-        # coordinates the image spans [-1, 1], so a shift of k pixels is 2k / size.
-        size = torch.tensor(x.shape[:-3:-1], device=x.device)  # (width, height)
+        # coordinates the image spans [-1, 1], so a shift of k pixels is 2k / size. The sizes
+        # stay Python numbers: a tensor made of them would be a copy to the GPU every batch.
+        height, width = x.shape[-2:]
+        unit = 2 * torch.rand(n, 2, generator=gen, device=x.device) - 1
         pixels = torch.trunc(
-            self.translate * size * (2 * torch.rand(n, 2, generator=gen, device=x.device) - 1)
+            torch.stack(
+                [self.translate * width * unit[:, 0], self.translate * height * unit[:, 1]], 1
+            )
         )
-        shift = 2 * pixels / size * affine[:, None]
+        shift = torch.stack([2 * pixels[:, 0] / width, 2 * pixels[:, 1] / height], 1)
+        shift = shift * affine[:, None]
         # affine_grid maps output to input positions: the inverse of flip, rotate and scale.
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         sign = torch.where(flip, -1.0, 1.0)

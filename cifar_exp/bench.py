@@ -54,6 +54,9 @@ VARIANTS = {
     "threads_1": [*NAIVE, "trainer.threads=1"],
     "defaults+compile": ["trainer.compile=true"],
     "defaults+batch_512": ["data.batch_size=512"],
+    # On a GPU, where the defaults compile: without it, and with CUDA graphs.
+    "defaults_eager": ["trainer.compile=false"],
+    "defaults+reduce_overhead": ["trainer.compile=true", "trainer.compile_mode=reduce-overhead"],
 }
 
 

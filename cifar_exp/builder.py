@@ -80,8 +80,15 @@ def build(
         batch_size=settings.data.batch_size, seed=settings.seed, device=compute.device,
         num_workers=settings.data.num_workers,
     )  # fmt: skip
+    # Compiled training wants one batch shape: fill the last batch (as many steps, no recompile).
+    last_batch = settings.data.last_batch
+    if last_batch == "auto":
+        last_batch = "fill" if compute.compile else "keep"
+    log.info("Last partial training batch: %s (data.last_batch)", last_batch)
     loaders = Loaders(
-        train=augmentation.loader(train_set, shuffle=True, ranks=ranks, **common),
+        train=augmentation.loader(
+            train_set, shuffle=True, ranks=ranks, last_batch=last_batch, **common
+        ),
         test=test_time.loader(test_set, shuffle=False, **common),
         val=test_time.loader(val_set, shuffle=False, **common) if val_set is not None else None,
     )

@@ -1,7 +1,8 @@
 """The checkpoint file: what it holds, written atomically, read without running code.
 
 A checkpoint holds the trainee's state (model, optimizer, scheduler and, with float16, the
-GradScaler), the epoch, the random-number states of Python, NumPy and PyTorch (CPU and CUDA),
+GradScaler), the epoch, the random-number states of Python, NumPy and PyTorch (the CPU's, and
+the GPU's the run trained on: one state, whatever the number of GPUs),
 and what the run record adds: the resolved config, the classes, the W&B run id, the metrics
 of its epoch and the monitored metric's best so far. Checkpoints written by earlier versions
 are brought up to date as they are read (`migrate`).
@@ -35,14 +36,19 @@ class CheckpointError(UserError):
 
 
 def rng_state() -> dict:
-    """The global random-number states, as plain values that weights_only loading accepts."""
+    """The global random-number states, as plain values that weights_only loading accepts.
+
+    CUDA: the state of this process's GPU alone (None when the run does not use CUDA), so a
+    checkpoint resumes on any number of GPUs. Under DDP rank 0's states are every rank's: all
+    ranks draw the same random numbers (`distributed.check_lockstep`).
+    """
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
     return {
         "python": random.getstate(),
         "numpy": numpy_state,
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
     }
 
 
@@ -52,8 +58,11 @@ def set_rng_state(state: dict) -> None:
     numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # earlier versions kept every visible GPU's; the run used the first
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and torch.cuda.is_initialized():  # else this run does not use CUDA
+        torch.cuda.set_rng_state(cuda)
 
 
 def capture(trainee: Trainee, *, epoch: int, **extra: Any) -> dict:

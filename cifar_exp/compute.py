@@ -3,9 +3,13 @@ stand-in layers and compilation, and the seeding of every random-number generato
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import random
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,33 +21,74 @@ from cifar_exp import distributed, fast_layers
 if TYPE_CHECKING:
     from cifar_exp.validation import Trainer
 
+log = logging.getLogger(__name__)
+
+# cuBLAS reads its workspace setting once, when CUDA first uses it; deterministic matrix
+# products need this one. Set on import, before anything touches CUDA, so that a deterministic
+# job after a non-deterministic one in the same process (a sweep) is deterministic too.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # there when an NVIDIA driver is loaded
+
+
+def unusable_gpu() -> str | None:
+    """Why PyTorch cannot use the NVIDIA GPU this machine has (a driver too old for PyTorch's
+    CUDA build, or a PyTorch without CUDA); None when CUDA works, when there is no NVIDIA
+    driver, or when CUDA_VISIBLE_DEVICES hides the GPUs on purpose."""
+    if torch.cuda.is_available() or not NVIDIA_DRIVER.is_file():
+        return None
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return None
+    version = re.search(r"\d+\.\d+(\.\d+)?", NVIDIA_DRIVER.read_text())
+    driver = f"NVIDIA driver {version.group() if version else 'of unknown version'}"
+    if torch.version.cuda is None:
+        return (
+            f"this machine has an {driver}, but PyTorch {torch.__version__} is built without "
+            "CUDA: install a CUDA build of PyTorch"
+        )
+    return (
+        f"this machine has an {driver}, but PyTorch {torch.__version__} (built for CUDA "
+        f"{torch.version.cuda}) cannot use it: update the driver, or install a PyTorch build "
+        "for the CUDA version the driver supports (nvidia-smi shows it)"
+    )
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    log.warning(message)
+
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU; any other name is used as given."""
+    """`auto` picks CUDA, then Apple's MPS, then the CPU (with a warning when the machine has
+    a GPU that PyTorch cannot use); any other name is used as given."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
+    reason = unusable_gpu()
+    if reason:
+        warn_once(f"trainer.device=auto trains on the CPU: {reason} (trainer.device=cpu: quiet)")
     return torch.device("cpu")
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and PyTorch (CUDA too); optionally allow deterministic kernels only.
+    """Seed Python, NumPy and PyTorch (CUDA too); with `deterministic`, deterministic kernels
+    only, else cuDNN picks the fastest convolution algorithms by timing them.
 
-    Both are set on every call: the jobs of a multirun share one process.
+    All are set on every call: the jobs of a multirun share one process.
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
     torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch.compile's modes: reduce-overhead replays CUDA graphs, max-autotune also times kernels.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -56,6 +101,7 @@ class Compute:
     compile: bool = False
     subsampled_convs: bool = False  # see fast_layers
     packed_dropout: bool = False
+    compile_mode: str = "default"  # torch.compile's mode (COMPILE_MODES)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -77,11 +123,25 @@ class Compute:
         place; returns what to call (in DDP when several processes train, compiled or not).
 
         Both share their parameters with `model`, whose state_dict stays the one to save.
+        Where torch.compile cannot build kernels, the model runs uncompiled, with one warning.
         """
         fast_layers.swap_in(model, convs=self.subsampled_convs, dropout=self.packed_dropout)
         model.to(self.device, memory_format=self.memory_format)
         forward = distributed.wrap(model, self.device)
-        return torch.compile(forward) if self.compile else forward
+        if not self.compile:
+            return forward
+        failure = compile_failure(self.device.type)
+        if failure:
+            warn_once(
+                f"trainer.compile: torch.compile cannot build kernels here ({failure}); "
+                "training uncompiled. Install a C++ compiler and the Python headers "
+                "(python3-dev), or set trainer.compile=false"
+            )
+            return forward
+        # Each job starts Dynamo afresh: the jobs of a sweep share one process, and past
+        # Dynamo's recompile limit (8) later jobs ran uncompiled, with only a log line.
+        torch.compiler.reset()
+        return torch.compile(forward, mode=self.compile_mode)
 
     def batch(
         self, images: torch.Tensor, labels: torch.Tensor
@@ -91,10 +151,25 @@ class Compute:
         return images, labels.to(self.device, non_blocking=True)
 
 
+@functools.cache
+def compile_failure(device_type: str) -> str | None:
+    """Why torch.compile cannot build kernels for this kind of device here (no C++ compiler,
+    no Python headers, no Triton), or None: a tiny function compiles, forward and backward.
+    Asked once a process."""
+    probe = torch.compile(lambda x: (x * 2).sin().sum())
+    try:
+        probe(torch.ones(4, device=device_type, requires_grad=True)).backward()
+    except Exception as err:  # noqa: BLE001 - the compiler stack raises many types
+        lines = str(err).strip().splitlines()
+        return lines[0] if lines else type(err).__name__
+    return None
+
+
 def bf16_supported(device: torch.device) -> bool:
-    """bfloat16 that runs at speed: Ampere or newer GPUs, CPUs with AVX512-BF16 or AMX."""
+    """bfloat16 that runs at speed: GPUs of compute capability 8.0 or newer (Ampere on; older
+    ones emulate it, slowly), CPUs with AVX512-BF16 or AMX."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return False
@@ -124,4 +199,5 @@ def resolve_compute(device: torch.device, trainer: Trainer) -> Compute:
         compile=choice(trainer.compile, device.type == "cuda"),
         subsampled_convs=choice(trainer.subsampled_convs, on_cpu),
         packed_dropout=choice(trainer.packed_dropout, on_cpu),
+        compile_mode=trainer.compile_mode,
     )

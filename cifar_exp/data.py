@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import CIFAR10, ImageFolder
 
+from cifar_exp import distributed
 from cifar_exp.errors import UserError
 
 if TYPE_CHECKING:
@@ -179,6 +180,13 @@ def load_split(
 
 
 def load(settings: Data, split: str) -> ImageSet:
-    """The split named by the `data` settings, subset by its limit_<split>."""
+    """The split named by the `data` settings, subset by its limit_<split>.
+
+    Under DDP rank 0 loads first (downloading or decoding into the cache) while the others
+    wait, then they read what it left: no two processes write the same files at once.
+    """
     limit = settings.limit_train if split == "train" else settings.limit_test
-    return load_split(settings.root, settings.format, split, limit, settings.cache_dir)
+    return distributed.main_first(
+        lambda: load_split(settings.root, settings.format, split, limit, settings.cache_dir),
+        f"load the {split} images",
+    )

@@ -12,14 +12,21 @@ the whole batch (exactly so when the norm layers do not mix images of a batch, o
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from cifar_exp.errors import UserError
+
 STRATEGIES = ("single", "ddp")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,54 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
 
 
 def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group. After a normal end, only once every rank has come this far: a
+    rank that left first could break a collective operation rank 0 still runs."""
+    if not dist.is_initialized():
+        return
+    if sys.exc_info()[0] is None:  # not on the way out of an error: the others may never come
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def main_first(action: Callable[[], T], what: str) -> T:
+    """`action()`, done by rank 0 while the other ranks wait, then by them: they find what
+    rank 0 left (a download, a cache file) instead of writing the same files at the same time.
+    If rank 0 fails, the others stop with a message instead of trying too."""
+    ranks = current()
+    if ranks.world_size == 1:
+        return action()
+    if ranks.is_main:
+        try:
+            result = action()
+        except BaseException:
+            broadcast(False)
+            raise
+        broadcast(True)
+        return result
+    if not broadcast(None):
+        raise UserError(f"rank 0 failed to {what}; its message says why")
+    return action()
+
+
+def check_lockstep(*generators: torch.Generator) -> None:
+    """Raise unless `generators` and PyTorch's own (the CPU's, this GPU's) are in the same
+    state on every rank. Every rank drawing the same random numbers is what lets each draw the
+    same global batch and augmentation, and a checkpoint keep rank 0's states for all ranks."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    states = [g.get_state() for g in generators] + [torch.get_rng_state()]
+    if torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state())
+    digest = hashlib.sha256(b"".join(s.numpy().tobytes() for s in states)).digest()
+    fingerprint = int.from_bytes(digest[:7], "big")
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    extremes = torch.tensor([fingerprint, -fingerprint], device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if extremes.tolist() != [fingerprint, -fingerprint]:
+        raise RuntimeError(
+            "the DDP ranks drew different random numbers this epoch, so their batches and "
+            "augmentations no longer add up to one process's: a bug, please report it"
+        )
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

@@ -2,7 +2,8 @@
 
 `TensorLoader`: a whole split held as one uint8 tensor on the training device, batches sliced
 and augmented as tensor operations; `WorkerLoader`: a DataLoader whose workers augment image
-by image. Each seeds its own epochs (`seed_epoch`), so a resumed run repeats them exactly.
+by image. Each seeds its own epochs (`seed_epoch`), so a resumed run repeats them exactly, and
+both draw an epoch's images in the same way (`epoch_size`, `epoch_order`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from cifar_exp import distributed
 from cifar_exp.data import ImageSet
+from cifar_exp.errors import UserError
+
+# What happens to an epoch's last, partial batch (data.last_batch).
+LAST_BATCH = ("keep", "fill", "drop")
 
 
 class Loader(Protocol):
@@ -47,6 +52,40 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def epoch_size(n: int, batch_size: int, last_batch: str = "keep", world_size: int = 1) -> int:
+    """How many images an epoch over `n` draws, by what becomes of the last partial batch:
+    `keep` it; `fill` it to a whole batch with the epoch's first images again (the static
+    shapes torch.compile wants, and the same number of steps); `drop` it.
+
+    Under DDP (`world_size` > 1) a kept partial batch is cut to a multiple of the ranks, so
+    every rank gets an equal share of every batch (DDP's average of the ranks' mean losses is
+    then the batch's mean loss), and never an empty one (a NaN loss).
+    """
+    partial = n % batch_size
+    size = {
+        "keep": n - partial % world_size,
+        "fill": n + (batch_size - partial) % batch_size,
+        "drop": n - partial,
+    }[last_batch]
+    if size == 0:
+        raise UserError(
+            f"{n} training images make no batch with data.batch_size={batch_size} and "
+            f"data.last_batch={last_batch}; use a smaller batch or more images"
+        )
+    return size
+
+
+def epoch_order(n: int, size: int, generator: torch.Generator, shuffle: bool) -> torch.Tensor:
+    """The `size` image indices of an epoch, in batch order: the n images shuffled by
+    `generator` (or in order), repeated from the start up to `size` or cut to it."""
+    device = generator.device
+    if shuffle:
+        order = torch.randperm(n, generator=generator, device=device)
+    else:
+        order = torch.arange(n, device=device)
+    return order.repeat(-(-size // n))[:size]
+
+
 class TensorLoader:
     """Batches sliced from a whole split held as one uint8 tensor on the training device.
 
@@ -55,7 +94,8 @@ class TensorLoader:
     and the augmentation, so a seed fixes both. Yields (images, labels) like a DataLoader.
 
     Under DDP (`ranks`) every rank draws the same global batch and augments it, then keeps
-    its own share: the ranks together see what a single process would.
+    its own share: the ranks together see what a single process would. That rests on every
+    rank drawing the same random numbers, which is checked after every epoch.
     """
 
     def __init__(
@@ -69,6 +109,7 @@ class TensorLoader:
         device: torch.device,
         num_workers: int = 0,  # unused: slicing on the device needs no worker processes
         ranks: distributed.Ranks | None = None,
+        last_batch: str = "keep",
     ) -> None:
         # NHWC storage seen as NCHW: the layout channels_last wants, at no copy.
         self.images = torch.from_numpy(data.images).to(device).permute(0, 3, 1, 2)
@@ -76,22 +117,21 @@ class TensorLoader:
         self.augmentation, self.batch_size, self.shuffle = augmentation, batch_size, shuffle
         self.generator = torch.Generator(device).manual_seed(seed)
         self.ranks = ranks or distributed.Ranks()
+        self.size = epoch_size(len(self.labels), batch_size, last_batch, self.ranks.world_size)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        return math.ceil(self.size / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, device = len(self.labels), self.labels.device
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator, device=device)
-        else:
-            order = torch.arange(n, device=device)
+        order = epoch_order(len(self.labels), self.size, self.generator, self.shuffle)
         for batch in order.split(self.batch_size):
             images = self.augmentation(self.images[batch], self.generator)
             if self.ranks.world_size > 1:
-                share = distributed.shard(torch.arange(len(batch), device=device), self.ranks)
+                share = distributed.shard(torch.arange(len(batch), device=batch.device), self.ranks)
                 images, batch = images[share], batch[share]
             yield images, self.labels[batch]
+        if self.ranks.world_size > 1:
+            distributed.check_lockstep(self.generator)
 
     def seed_epoch(self, seed: int, epoch: int) -> None:
         """The epoch's order and augmentation, from (seed, epoch)."""
@@ -123,12 +163,30 @@ def reseed_worker_transform(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(info.seed % 2**32)
 
 
+class EpochSampler(Sampler[int]):
+    """This rank's indices of an epoch (`epoch_order`): every world_size-th, from its rank on,
+    so that each global batch is shared out among the ranks."""
+
+    def __init__(
+        self, n: int, size: int, generator: torch.Generator, shuffle: bool, ranks: distributed.Ranks
+    ) -> None:
+        self.n, self.size, self.generator, self.shuffle = n, size, generator, shuffle
+        self.ranks = ranks
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_order(self.n, self.size, self.generator, self.shuffle)
+        yield from order[self.ranks.rank :: self.ranks.world_size].tolist()
+
+    def __len__(self) -> int:
+        return self.size // self.ranks.world_size
+
+
 class WorkerLoader(DataLoader):
     """A DataLoader over images augmented one by one (`transform`, with `set_random_seed`) in
     `num_workers` worker processes; it hands CPU tensors to the loop.
 
-    Under DDP (`ranks`) a DistributedSampler gives each rank its share of the data set, in
-    batches of batch_size / world_size.
+    Under DDP (`ranks`) each rank loads its share of every global batch (batch_size /
+    world_size images).
     """
 
     def __init__(
@@ -142,25 +200,23 @@ class WorkerLoader(DataLoader):
         device: torch.device,
         num_workers: int,
         ranks: distributed.Ranks | None = None,
+        last_batch: str = "keep",
     ) -> None:
         transform.set_random_seed(seed)
         dataset = AugmentedImages(data, transform)
-        self.rank_sampler = None
-        if ranks is not None and ranks.world_size > 1:
-            self.rank_sampler = DistributedSampler(
-                dataset, ranks.world_size, ranks.rank, shuffle=shuffle, seed=seed
-            )
-            batch_size, shuffle = batch_size // ranks.world_size, False  # the sampler shuffles
+        ranks = ranks or distributed.Ranks()
+        # One generator for the order and the workers' seeds, as a shuffling DataLoader has.
+        generator = torch.Generator().manual_seed(seed)
+        size = epoch_size(len(dataset), batch_size, last_batch, ranks.world_size)
         super().__init__(
             dataset,
-            batch_size=batch_size,
-            sampler=self.rank_sampler,
-            shuffle=shuffle,
+            batch_size=batch_size // ranks.world_size,
+            sampler=EpochSampler(len(dataset), size, generator, shuffle, ranks),
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,  # workers restart each epoch and draw fresh seeds
             worker_init_fn=reseed_worker_transform if num_workers > 0 else None,
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator,
         )
 
     def seed_epoch(self, seed: int, epoch: int) -> None:
@@ -168,7 +224,5 @@ class WorkerLoader(DataLoader):
         stream), from (seed, epoch)."""
         this_epoch = epoch_seed(seed, epoch)
         self.generator.manual_seed(this_epoch)
-        if self.rank_sampler is not None:
-            self.rank_sampler.set_epoch(epoch)  # DDP: the sampler's order, from its seed and epoch
         if self.num_workers == 0:
             self.dataset.transform.set_random_seed(this_epoch)

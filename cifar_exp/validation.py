@@ -31,8 +31,8 @@ from pydantic import (
     model_validator,
 )
 
-from cifar_exp import data, distributed
-from cifar_exp.compute import PRECISIONS, resolve_device
+from cifar_exp import data, distributed, loaders
+from cifar_exp.compute import COMPILE_MODES, PRECISIONS, resolve_device
 from cifar_exp.errors import UserError
 from cifar_exp.loop import EPOCH_METRICS, SCORES, VAL_METRICS, LoopOptions, Schedule
 
@@ -59,6 +59,7 @@ class Trainer(Section):
     precision: Literal[("auto", *PRECISIONS)] = "auto"
     channels_last: bool = True
     compile: bool | Auto = "auto"
+    compile_mode: Literal[COMPILE_MODES] = "default"
     subsampled_convs: bool | Auto = "auto"
     packed_dropout: bool | Auto = "auto"
     threads: PositiveInt | None = None
@@ -80,6 +81,7 @@ class Data(Section):
     root: str = "./data"
     format: Literal[data.FORMATS]
     batch_size: PositiveInt
+    last_batch: Literal[("auto", *loaders.LAST_BATCH)] = "auto"
     num_workers: NonNegativeInt = 0
     limit_train: PositiveInt | None = None
     limit_test: PositiveInt | None = None

@@ -110,7 +110,7 @@ def test_auto_compute_follows_the_device(monkeypatch):
     assert not cpu.compile and cpu.subsampled_convs and cpu.packed_dropout
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert cpu.autocast_dtype == (torch.bfloat16 if bf16 else None)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cuda = resolve_compute(torch.device("cuda"), auto)
     assert cuda == Compute(torch.device("cuda"), torch.bfloat16, True, True)
     off = Trainer(epochs=1, packed_dropout=False)
