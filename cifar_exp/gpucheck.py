@@ -258,7 +258,7 @@ def deterministic(check: Check) -> dict:
     return {"identical": True, "final_test_acc": first["final_test_acc"]}
 
 
-def resume(check: Check) -> dict:
+def resume_gpu_on_cpu(check: Check) -> dict:
     whole = check.run("deterministic-1", *check.small())
     code, stopped = check.train("resume-stopped", *check.small(), script=STOP_AFTER_EPOCH_1)
     if code != 128 + signal.SIGTERM:
@@ -277,7 +277,7 @@ def resume(check: Check) -> dict:
     }
 
 
-def bench(check: Check) -> dict:
+def throughput(check: Check) -> dict:
     out = check.work / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_exp.bench", "--repeats", "3", "--variants", BENCH_VARIANTS,
@@ -331,8 +331,8 @@ def ddp(check: Check) -> dict | None:
 
 
 STEPS: dict[str, Callable[[Check], dict | None]] = {
-    "smoke": smoke, "syncs": syncs, "deterministic": deterministic, "resume": resume,
-    "bench": bench, "s9_fast": s9_fast, "ddp": ddp,
+    "smoke": smoke, "syncs": syncs, "deterministic": deterministic, "resume": resume_gpu_on_cpu,
+    "bench": throughput, "s9_fast": s9_fast, "ddp": ddp,
 }  # fmt: skip
 
 
