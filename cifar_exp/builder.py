@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from cifar_exp import budget, data, distributed
+from cifar_exp import budget, data, distributed, optim
 from cifar_exp.compute import resolve_compute
 from cifar_exp.errors import UserError, call_factory
 from cifar_exp.loaders import Loaders
@@ -65,7 +65,14 @@ def build(
     forward = compute.prepare(model)
     if resumed:
         resumed.restore_model(model)
-    optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
+    norm_and_bias = settings.param_groups.norm_and_bias
+    groups = optim.param_groups(
+        model, settings.optimizer.lr, settings.optimizer.weight_decay,
+        norm_and_bias.lr_scale, norm_and_bias.weight_decay,
+    )  # fmt: skip
+    optimizer = call_factory("optimizer", instantiate(cfg.optimizer), groups)
+    ema = settings.trainer.ema
+    average = optim.WeightAverage(model, ema.decay, ema.every) if ema.decay else None
 
     train_set, test_set = data.load(settings.data, "train"), data.load(settings.data, "test")
     check_data(train_set, test_set, settings)
@@ -93,7 +100,7 @@ def build(
         val=test_time.loader(val_set, shuffle=False, **common) if val_set is not None else None,
     )
     schedule = Schedule.from_config(cfg.scheduler, optimizer, len(loaders.train))
-    trainee = Trainee(model, forward, optimizer, schedule, compute.grad_scaler(), compute)
+    trainee = Trainee(model, forward, optimizer, schedule, compute.grad_scaler(), compute, average)
     if resumed:
         resumed.restore_training(trainee)
     sizes = (len(train_set.labels), len(test_set.labels))
