@@ -69,18 +69,27 @@ class WarmupLinear(LambdaLR):
 
 class WeightAverage:
     """An exponential moving average of the model's weights and buffers, updated on every
-    `every`-th step of an epoch: average <- decay * average + (1 - decay) * weights.
+    `every`-th step of an epoch: average <- d * average + (1 - d) * weights, where the n-th
+    update's d = min(decay, (1 + n) / (10 + n)), so the first weights, barely trained, fade
+    within a few updates (the warm-up of TensorFlow's ExponentialMovingAverage).
 
-    PyTorch's AveragedModel does the averaging; this adds when. The averaged model is the one
-    tested and kept in checkpoints (`state_dict`), and its BatchNorm statistics are averaged
-    with the weights (airbench's practice), so it needs no extra pass over the data.
+    PyTorch's AveragedModel does the averaging; this adds when and how fast. The averaged
+    model is the one tested and kept in checkpoints (`state_dict`). Its BatchNorm statistics
+    are averaged with the weights, so it needs no extra pass over the data to recompute them.
     """
 
     def __init__(self, model: nn.Module, decay: float, every: int = 1) -> None:
-        self.averaged = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
-        )
-        self.every = every
+        self.averaged = AveragedModel(model, multi_avg_fn=self.update, use_buffers=True)
+        self.decay, self.every = decay, every
+        self.updates = 0  # AveragedModel's n_averaged, counted here: reading it waits for a GPU
+
+    @torch.no_grad()
+    def update(
+        self, averages: list[torch.Tensor], currents: list[torch.Tensor], updates: torch.Tensor
+    ) -> None:
+        """AveragedModel's multi_avg_fn: move the averages toward the current values."""
+        n = self.updates
+        get_ema_multi_avg_fn(min(self.decay, (1 + n) / (10 + n)))(averages, currents, updates)
 
     @property
     def module(self) -> nn.Module:
@@ -89,12 +98,14 @@ class WeightAverage:
     def after_step(self, model: nn.Module, step: int) -> None:
         if step % self.every == 0:
             self.averaged.update_parameters(model)
+            self.updates += 1
 
     def state_dict(self) -> dict:
         return self.averaged.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.averaged.load_state_dict(state)
+        self.updates = int(state["n_averaged"])
 
 
 def evaluated_weights(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:

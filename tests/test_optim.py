@@ -67,17 +67,19 @@ def test_weight_average_matches_a_hand_computation():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    average = WeightAverage(model, decay=0.9, every=2)
+    average = WeightAverage(model, decay=0.5, every=2)  # the cap is reached at n = 8
     expected = None
-    for step in range(1, 7):
+    for step in range(1, 25):
         model(torch.randn(8, 4)).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
         average.after_step(model, step)
-        if step % 2 == 0:  # the first update copies, the next ones move 10% of the way
+        if step % 2 == 0:  # the first update copies; the n-th after it keeps min(0.5, (1+n)/(10+n))
             current = {k: v.clone().float() for k, v in model.state_dict().items()}
+            n = step // 2 - 1
+            keep = min(0.5, (1 + n) / (10 + n))
             expected = current if expected is None else {
-                k: 0.9 * expected[k] + 0.1 * current[k] for k in current
+                k: keep * expected[k] + (1 - keep) * current[k] for k in current
             }  # fmt: skip
     averaged = average.module.state_dict()
     for name in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
@@ -100,7 +102,7 @@ def test_weight_average_state_survives_a_reload():
     restored.load_state_dict(average.state_dict())
     for a, b in zip(restored.module.parameters(), average.module.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert restored.averaged.n_averaged == 1
+    assert restored.averaged.n_averaged == restored.updates == 1
 
 
 def asymmetric_images(n: int = 64) -> ImageSet:
