@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchinfo
 from hydra.utils import instantiate
@@ -19,9 +20,10 @@ from cifar_exp.errors import UserError, call_factory
 from cifar_exp.loaders import Loaders
 from cifar_exp.loop import Schedule, Trainee
 from cifar_exp.resume import Resumed
-from cifar_exp.validation import Settings
+from cifar_exp.validation import Data, Settings
 
 log = logging.getLogger(__name__)
+WHITEN_EVERY = 10  # model.whiten: every 10th training image (5,000 of CIFAR-10) gives the patches
 
 
 @dataclass
@@ -76,6 +78,8 @@ def build(
 
     train_set, test_set = data.load(settings.data, "train"), data.load(settings.data, "test")
     check_data(train_set, test_set, settings)
+    if settings.model.whiten and not resumed:  # a resumed run's filters are in its checkpoint
+        model.whiten_first_layer(normalised(train_set.images[::WHITEN_EVERY], settings.data))
     val_set = None
     if settings.data.val_size:
         train_set, val_set = data.hold_out(
@@ -105,6 +109,13 @@ def build(
         resumed.restore_training(trainee)
     sizes = (len(train_set.labels), len(test_set.labels))
     return Training(trainee, loaders, train_set.classes, sizes, params, rf, summary)
+
+
+def normalised(images: np.ndarray, data_settings: Data) -> torch.Tensor:
+    """uint8 NHWC images as float NCHW, normalised by the data set's mean and std."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data_settings.mean, data_settings.std))
+    return (x - mean) / std
 
 
 def check_data(train_set: data.ImageSet, test_set: data.ImageSet, settings: Settings) -> None:

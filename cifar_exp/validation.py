@@ -122,6 +122,7 @@ class Model(Section):
     in_channels: PositiveInt = 3
     num_classes: PositiveInt = 10
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    whiten: bool = False
 
 
 class NormAndBias(Section):

@@ -9,7 +9,7 @@ import torch
 from conftest import CPU, MEAN, STD, TINY_BLOCKS, compose_train, data_overrides
 
 from cifar_exp.augment import BatchAugment
-from cifar_exp.builder import build
+from cifar_exp.builder import WHITEN_EVERY, build
 from cifar_exp.data import ImageSet
 from cifar_exp.errors import UserError
 from cifar_exp.loop import Schedule
@@ -158,3 +158,34 @@ def test_crop_shifts_each_image_by_whole_pixels_within_the_pad():
 def test_crop_pad_larger_than_the_image_is_refused():
     with pytest.raises(UserError, match="augment.crop_pad=32"):
         BatchAugment(MEAN, STD, crop_pad=32).check(32)
+
+
+def test_whitened_first_layer_decorrelates_patches_and_is_frozen(cifar_root, cache_dir):
+    cfg = compose_train(
+        *data_overrides(cifar_root, cache_dir, train=500, test=20), "model.whiten=true"
+    )
+    settings = validate(cfg)
+    training = build(cfg, settings)
+    model = training.trainee.model
+    first = model.features[0][0]
+    assert training.params == 180_298 and not first.weight.requires_grad
+    assert all(first.weight is not p for g in training.trainee.optimizer.param_groups
+               for p in g["params"])  # fmt: skip
+    # Its first 16 filters map the sampled training images' 3x3 patches to uncorrelated
+    # components of unit variance, shrunk by eps for the weaker ones (λ / (λ + eps)); the other
+    # 16 are their negatives.
+    images = training.loaders.train.images[::WHITEN_EVERY]
+    x = BatchAugment(MEAN, STD)(images).double()
+    patches = torch.nn.functional.unfold(x, 3).transpose(1, 2).reshape(-1, 27)
+    weights = first.weight.detach().double().reshape(32, 27)
+    components = patches @ weights[:16].T
+    cov = torch.cov(components.T)
+    assert torch.allclose(weights[16:], -weights[:16])
+    variances = cov.diagonal()
+    assert ((variances > 0.5) & (variances <= 1)).all() and variances.max() > 0.999
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-6
+
+
+def test_whitening_needs_room_for_two_filters_per_patch_dimension():
+    with pytest.raises(ValueError, match="model.whiten"):
+        ConvNet([{"convs": [64], "transition": {"channels": 16}}], whiten=True)
