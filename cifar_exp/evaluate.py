@@ -36,7 +36,7 @@ def predict_test_set(
     model.load_state_dict(evaluated_weights(state))
     # The training run's precision, layout, normalisation and test-time views, so its test
     # accuracy is reproduced exactly (no compiling for one pass).
-    chosen = {"tta": tta} if tta is not None else {}
+    chosen = {"tta": tta, "test_flip": None} if tta is not None else {}  # over the old key too
     trainer = checked(Trainer, {**config["trainer"], "compile": False, **chosen}, key="trainer")
     compute = resolve_compute(resolve_device(device_name), trainer)
     test_set = data.load(data_settings, "test")
