@@ -116,9 +116,13 @@ class BatchAugment(Augmentation):
     """The s9 augmentations as tensor operations on a whole batch, on the batch's device.
 
     uint8 NCHW images in, normalised float images out. Every image draws its own parameters:
-    a horizontal flip (`flip_p`); with probability `affine_p` a shift of up to `translate` of
-    the image size per axis (in whole pixels), a scale in `scale` and a rotation within
-    +-`rotate` degrees about the centre, with reflected borders, like the reference's Affine;
+    a shift of up to `crop_pad` pixels per axis, uniform in whole pixels, by padding with the
+    reflected border and cropping; a horizontal flip (`flip_p`), or with `alternate_flip` a
+    flip on every other epoch (half the images on odd epochs, the other half on even ones:
+    each image is seen both ways within any two epochs); with probability `affine_p` a shift
+    of up to `translate` of the image size per axis (in whole pixels), a scale in `scale` and
+    a rotation within +-`rotate` degrees about the centre, with reflected borders, like the
+    reference's Affine;
     and with probability `cutout_p` one `cutout_size` square hole inside the image, filled
     with the mean.
     With the default arguments it only normalises (the test-time counterpart). Its loader
@@ -138,6 +142,8 @@ class BatchAugment(Augmentation):
         rotate: float = 0.0,
         cutout_p: float = 0.0,
         cutout_size: int = 16,
+        crop_pad: int = 0,
+        alternate_flip: bool = False,
     ) -> None:
         for name, p in (("flip_p", flip_p), ("affine_p", affine_p), ("cutout_p", cutout_p)):
             if not 0 <= p <= 1:
@@ -148,31 +154,45 @@ class BatchAugment(Augmentation):
             raise ValueError(f"augment.scale={list(scale)} must be [low, high], 0 < low <= high")
         if cutout_size < 1:
             raise ValueError(f"augment.cutout_size={cutout_size} must be at least 1 pixel")
+        if crop_pad < 0:
+            raise ValueError(f"augment.crop_pad={crop_pad} is a number of pixels: 0 or more")
         self.mean, self.std = tuple(mean), tuple(std)
         self.flip_p, self.affine_p, self.cutout_p = flip_p, affine_p, cutout_p
         self.translate, self.scale, self.rotate = translate, tuple(scale), rotate
-        self.cutout_size = cutout_size
+        self.cutout_size, self.crop_pad, self.alternate_flip = cutout_size, crop_pad, alternate_flip
         self.statistics: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def test_time(self) -> BatchAugment:
         return BatchAugment(self.mean, self.std)
 
     def check(self, image_size: int) -> None:
-        """The cutout hole must fit inside the image."""
+        """The cutout hole must fit inside the image, and the reflected border of a shift."""
         if self.cutout_p and self.cutout_size > image_size:
             raise UserError(
                 f"augment.cutout_size={self.cutout_size} is larger than the {image_size}-pixel "
                 "images (data.image_size); make it smaller, or augment.cutout_p=0"
             )
+        if self.crop_pad >= image_size:
+            raise UserError(
+                f"augment.crop_pad={self.crop_pad} pixels cannot be reflected from "
+                f"{image_size}-pixel images (data.image_size); make it at most {image_size - 1}"
+            )
 
     def __call__(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        indices: torch.Tensor | None = None,
+        epoch: int = 0,
     ) -> torch.Tensor:
-        """uint8 NCHW images in, augmented and normalised float images out."""
+        """uint8 NCHW images in, augmented and normalised float images out; `indices` (the
+        images' places in their split) and `epoch` decide alternating flips."""
         mean, std = self.normalisation(images.device)
         x = (images.float() / 255 - mean) / std
-        if self.flip_p or self.affine_p:
-            x = self._flip_and_affine(x, generator)
+        if self.crop_pad:
+            x = self._crop(x, generator)
+        if self.flip_p or self.affine_p or self.alternate_flip:
+            x = self._flip_and_affine(x, self._flips(x, generator, indices, epoch), generator)
         if self.cutout_p:
             x = self._cutout(x, generator)
         return x
@@ -190,10 +210,35 @@ class BatchAugment(Augmentation):
     def _uniform(self, n: int, low: float, high: float, like: torch.Tensor, gen) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=gen, device=like.device)
 
-    def _flip_and_affine(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    def _flips(
+        self, x: torch.Tensor, gen: torch.Generator | None, indices: torch.Tensor | None, epoch: int
+    ) -> torch.Tensor:
+        """Which images to flip: at random (`flip_p`), or every other epoch from a phase that
+        a multiplicative hash of the image's index gives (the same on every run and resume)."""
+        if not self.alternate_flip:
+            return torch.rand(len(x), generator=gen, device=x.device) < self.flip_p
+        if indices is None:
+            raise ValueError("augment.alternate_flip needs the images' indices and the epoch")
+        phase = (indices * 2654435761) % 2**32 >= 2**31  # Knuth's hash, its top bit
+        return phase ^ bool(epoch % 2)
+
+    def _crop(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """Each image shifted by a whole number of pixels in [-crop_pad, crop_pad] per axis:
+        cropped from the image padded with its reflected border."""
+        n, _, height, width = x.shape
+        pad = self.crop_pad
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        top, left = torch.randint(0, 2 * pad + 1, (2, n, 1), generator=gen, device=x.device)
+        rows = (top + torch.arange(height, device=x.device))[:, :, None]  # (n, height, 1)
+        cols = (left + torch.arange(width, device=x.device))[:, None, :]  # (n, 1, width)
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+    def _flip_and_affine(
+        self, x: torch.Tensor, flip: torch.Tensor, gen: torch.Generator | None
+    ) -> torch.Tensor:
         """One grid_sample per batch: flip and affine folded into each image's sampling matrix."""
         n = len(x)
-        flip = torch.rand(n, generator=gen, device=x.device) < self.flip_p
         affine = torch.rand(n, generator=gen, device=x.device) < self.affine_p
         angle = torch.deg2rad(self._uniform(n, -self.rotate, self.rotate, x, gen)) * affine
         scale = torch.where(affine, self._uniform(n, *self.scale, x, gen), 1.0)

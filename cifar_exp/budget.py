@@ -22,7 +22,8 @@ GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Every parameter, frozen ones too (model.whiten's filters are still the network's)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def first(value: int | tuple[int, ...]) -> int:

@@ -7,21 +7,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchinfo
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from cifar_exp import budget, data, distributed
+from cifar_exp import budget, data, distributed, optim
 from cifar_exp.compute import resolve_compute
 from cifar_exp.errors import UserError, call_factory
 from cifar_exp.loaders import Loaders
 from cifar_exp.loop import Schedule, Trainee
 from cifar_exp.resume import Resumed
-from cifar_exp.validation import Settings
+from cifar_exp.validation import Data, Settings
 
 log = logging.getLogger(__name__)
+WHITEN_EVERY = 10  # model.whiten: every 10th training image (5,000 of CIFAR-10) gives the patches
 
 
 @dataclass
@@ -65,10 +67,19 @@ def build(
     forward = compute.prepare(model)
     if resumed:
         resumed.restore_model(model)
-    optimizer = call_factory("optimizer", instantiate(cfg.optimizer), model.parameters())
+    norm_and_bias = settings.param_groups.norm_and_bias
+    groups = optim.param_groups(
+        model, settings.optimizer.lr, settings.optimizer.weight_decay,
+        norm_and_bias.lr_scale, norm_and_bias.weight_decay,
+    )  # fmt: skip
+    optimizer = call_factory("optimizer", instantiate(cfg.optimizer), groups)
+    ema = settings.trainer.ema
+    average = optim.WeightAverage(model, ema.decay, ema.every) if ema.decay else None
 
     train_set, test_set = data.load(settings.data, "train"), data.load(settings.data, "test")
     check_data(train_set, test_set, settings)
+    if settings.model.whiten and not resumed:  # a resumed run's filters are in its checkpoint
+        model.whiten_first_layer(normalised(train_set.images[::WHITEN_EVERY], settings.data))
     val_set = None
     if settings.data.val_size:
         train_set, val_set = data.hold_out(
@@ -93,11 +104,18 @@ def build(
         val=test_time.loader(val_set, shuffle=False, **common) if val_set is not None else None,
     )
     schedule = Schedule.from_config(cfg.scheduler, optimizer, len(loaders.train))
-    trainee = Trainee(model, forward, optimizer, schedule, compute.grad_scaler(), compute)
+    trainee = Trainee(model, forward, optimizer, schedule, compute.grad_scaler(), compute, average)
     if resumed:
         resumed.restore_training(trainee)
     sizes = (len(train_set.labels), len(test_set.labels))
     return Training(trainee, loaders, train_set.classes, sizes, params, rf, summary)
+
+
+def normalised(images: np.ndarray, data_settings: Data) -> torch.Tensor:
+    """uint8 NHWC images as float NCHW, normalised by the data set's mean and std."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data_settings.mean, data_settings.std))
+    return (x - mean) / std
 
 
 def check_data(train_set: data.ImageSet, test_set: data.ImageSet, settings: Settings) -> None:

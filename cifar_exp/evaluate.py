@@ -16,25 +16,28 @@ from cifar_exp import checkpoint, data
 from cifar_exp.compute import resolve_compute, resolve_device
 from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.loop import predict
+from cifar_exp.optim import evaluated_weights
 from cifar_exp.validation import Data, Trainer, checked
 
 log = logging.getLogger(__name__)
 
 
 def predict_test_set(
-    state: dict, data_settings: Data, device_name: str = "auto", flip: bool | None = None
+    state: dict, data_settings: Data, device_name: str = "auto", tta: str | None = None
 ) -> tuple[data.ImageSet, float, torch.Tensor, torch.Tensor]:
-    """Run the checkpoint's model over the test split `data_settings` names, with test-time
-    flips if `flip` (None: if its training run tested with them).
+    """Run the checkpoint's tested weights (the moving average's, if its run kept one) over
+    the test split `data_settings` names, with the test-time views `tta` (None: its training
+    run's).
 
     Returns the test images, the mean loss, and the predicted and true class of every image.
     """
     config = state["config"]
     model = instantiate(config["model"])
-    model.load_state_dict(state["model"])
-    # The training run's precision, layout, normalisation and test-time flips, so its test
+    model.load_state_dict(evaluated_weights(state))
+    # The training run's precision, layout, normalisation and test-time views, so its test
     # accuracy is reproduced exactly (no compiling for one pass).
-    trainer = checked(Trainer, {**config["trainer"], "compile": False}, key="trainer")
+    chosen = {"tta": tta, "test_flip": None} if tta is not None else {}  # over the old key too
+    trainer = checked(Trainer, {**config["trainer"], "compile": False, **chosen}, key="trainer")
     compute = resolve_compute(resolve_device(device_name), trainer)
     test_set = data.load(data_settings, "test")
     if test_set.classes != tuple(state["classes"]):
@@ -45,8 +48,7 @@ def predict_test_set(
         test_set, batch_size=data_settings.batch_size, shuffle=False, seed=0,
         device=compute.device, num_workers=data_settings.num_workers,
     )  # fmt: skip
-    flip = trainer.test_flip if flip is None else flip
-    loss, predictions, targets = predict(compute.prepare(model), loader, compute, flip)
+    loss, predictions, targets = predict(compute.prepare(model), loader, compute, trainer.tta)
     return test_set, loss, predictions, targets
 
 
@@ -56,7 +58,7 @@ def score(cfg: DictConfig) -> dict:
     state = checkpoint.load(ckpt_path, option="ckpt")
     data_settings = checked(Data, cfg.data, key="data")
     test_set, loss, predictions, targets = predict_test_set(
-        state, data_settings, cfg.device, cfg.flip
+        state, data_settings, cfg.device, cfg.tta
     )
     correct = predictions == targets
     per_class = {

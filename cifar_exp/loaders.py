@@ -101,7 +101,7 @@ class TensorLoader:
     def __init__(
         self,
         data: ImageSet,
-        augmentation: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        augmentation: Callable[[torch.Tensor, torch.Generator, torch.Tensor, int], torch.Tensor],
         *,
         batch_size: int,
         shuffle: bool,
@@ -118,6 +118,7 @@ class TensorLoader:
         self.generator = torch.Generator(device).manual_seed(seed)
         self.ranks = ranks or distributed.Ranks()
         self.size = epoch_size(len(self.labels), batch_size, last_batch, self.ranks.world_size)
+        self.epoch = 0
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.batch_size)
@@ -125,7 +126,7 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.labels), self.size, self.generator, self.shuffle)
         for batch in order.split(self.batch_size):
-            images = self.augmentation(self.images[batch], self.generator)
+            images = self.augmentation(self.images[batch], self.generator, batch, self.epoch)
             if self.ranks.world_size > 1:
                 share = distributed.shard(torch.arange(len(batch), device=batch.device), self.ranks)
                 images, batch = images[share], batch[share]
@@ -136,6 +137,7 @@ class TensorLoader:
     def seed_epoch(self, seed: int, epoch: int) -> None:
         """The epoch's order and augmentation, from (seed, epoch)."""
         self.generator.manual_seed(epoch_seed(seed, epoch))
+        self.epoch = epoch
 
 
 class AugmentedImages(Dataset):

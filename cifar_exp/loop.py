@@ -17,6 +17,7 @@ from tqdm import tqdm
 from cifar_exp import distributed, interrupt
 from cifar_exp.compute import Compute
 from cifar_exp.errors import TrainingDiverged, call_factory
+from cifar_exp.optim import WeightAverage
 
 if TYPE_CHECKING:
     from cifar_exp.loaders import Loaders
@@ -31,6 +32,8 @@ VAL_METRICS = ("val_loss", "val_acc")  # added when there is a validation loader
 # The metrics that have a best value: a loss is best lowest, an accuracy highest.
 SCORES = ("train_loss", "train_acc", "test_loss", "test_acc", *VAL_METRICS)
 CHECK_EVERY = 20  # steps between loss checks and progress-bar updates (each waits for the GPU)
+# Test-time augmentation (trainer.tta): the views of each test image whose logits are averaged.
+TTA = ("none", "flip", "multi")
 
 
 class Schedule:
@@ -85,6 +88,12 @@ class Trainee:
     schedule: Schedule
     scaler: torch.amp.GradScaler
     compute: Compute
+    average: WeightAverage | None = None  # trainer.ema: the weights that are tested and kept
+
+    @property
+    def tested(self) -> nn.Module:
+        """What scores the test and validation images: the weights' moving average, if kept."""
+        return self.average.module if self.average else self.forward
 
     def state_dict(self) -> dict:
         return {
@@ -92,6 +101,7 @@ class Trainee:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "ema": self.average.state_dict() if self.average else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -100,6 +110,8 @@ class Trainee:
         self.schedule.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled() and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+        if self.average:
+            self.average.load_state_dict(state["ema"])
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,7 @@ class LoopOptions:
     epochs: int  # the last epoch to train
     seed: int  # each epoch's shuffle and augmentation come from (seed, epoch)
     label_smoothing: float = 0.0  # of the training loss only
-    test_flip: bool = False  # average each test (and val) image's logits with its mirror's
+    tta: str = "none"  # the test-time views of each test (and val) image (TTA)
     progress: bool = True  # a progress bar per epoch
 
 
@@ -128,22 +140,35 @@ def check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> None
         )
 
 
+def views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The test-time views of a batch (`tta`, one of TTA): `none` the images; `flip` they and
+    their mirror images; `multi` those two, each also shifted by one pixel down and right and
+    by one pixel up and left (borders reflected): six views."""
+    flips = [images] if tta == "none" else [images, images.flip(3)]
+    if tta != "multi":
+        return flips
+    size = images.shape[-2:]
+    shifted = []
+    for view in flips:
+        padded = F.pad(view, (1, 1, 1, 1), mode="reflect")
+        shifted += [padded[..., : size[0], : size[1]], padded[..., 2:, 2:]]
+    return flips + shifted
+
+
 @torch.no_grad()
 def predict(
-    forward: nn.Module, loader: Iterable, compute: Compute, flip: bool = False
+    forward: nn.Module, loader: Iterable, compute: Compute, tta: str = "none"
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over the loader, and the predicted and true class of every image.
 
-    `flip`: test-time augmentation, each image's logits averaged with its mirror image's.
+    `tta`: each image's logits are the mean of its test-time views' (`views`).
     """
     forward.eval()
     loss_sum, predictions, targets = 0.0, [], []
     for images, labels in loader:
         images, labels = compute.batch(images, labels)
         with compute.autocast():
-            logits = forward(images)
-            if flip:
-                logits = (logits + forward(images.flip(3))) / 2
+            logits = torch.stack([forward(view) for view in views(images, tta)]).mean(0)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         predictions.append(logits.argmax(1))
         targets.append(labels)
@@ -151,9 +176,9 @@ def predict(
     return float(loss_sum) / len(targets), predictions, targets
 
 
-def score(trainee: Trainee, loader: Iterable, flip: bool) -> tuple[float, float]:
-    """Mean loss and accuracy of the trainee on the loader's images."""
-    loss, predictions, targets = predict(trainee.forward, loader, trainee.compute, flip)
+def score(trainee: Trainee, loader: Iterable, tta: str) -> tuple[float, float]:
+    """Mean loss and accuracy of the trainee's tested weights on the loader's images."""
+    loss, predictions, targets = predict(trainee.tested, loader, trainee.compute, tta)
     return loss, (predictions == targets).float().mean().item()
 
 
@@ -193,6 +218,8 @@ def train_epoch(
         scaler.step(optimizer)
         scaler.update()
         trainee.schedule.after_step()
+        if trainee.average:
+            trainee.average.after_step(trainee.model, step)
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
@@ -240,7 +267,7 @@ def fit(trainee: Trainee, loaders: Loaders, options: LoopOptions, record: RunRec
                     epoch=epoch, bar=bar,
                 )  # fmt: skip
             train_seconds = time.perf_counter() - start
-            test_loss, test_acc = score(trainee, loaders.test, options.test_flip)
+            test_loss, test_acc = score(trainee, loaders.test, options.tta)
             metrics = dict(
                 zip(EPOCH_METRICS, (
                     epoch, train_loss, train_acc, test_loss, test_acc, lr,
@@ -248,7 +275,7 @@ def fit(trainee: Trainee, loaders: Loaders, options: LoopOptions, record: RunRec
                 ), strict=True)
             )  # fmt: skip
             if loaders.val is not None:
-                val_scores = score(trainee, loaders.val, options.test_flip)
+                val_scores = score(trainee, loaders.val, options.tta)
                 metrics.update(zip(VAL_METRICS, val_scores, strict=True))
             trainee.schedule.after_epoch(metrics)
             record.end_epoch(metrics, trainee)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -98,6 +100,8 @@ class ConvNet(nn.Module):
       separable: the default for the block's convolutions.
     `norm` makes the norm layer for a number of channels (conf/model/norm/<option>.yaml);
     `transition` is {type: <default type>} plus optional per-type geometry for every block.
+    `whiten`: the first convolution's filters are frozen at a whitening of the training
+    images' patches (`whiten_first_layer`), after airbench; the parameter count is unchanged.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class ConvNet(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         transition: Mapping[str, Any] | None = None,
+        whiten: bool = False,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -142,6 +147,43 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Conv2d(ch, num_classes, 1)
+        self.whiten = whiten
+        if whiten:
+            first = self.features[0][0]
+            patch = first.in_channels * first.kernel_size[0] * first.kernel_size[1]
+            if first.groups != 1 or first.out_channels % 2 or first.out_channels > 2 * patch:
+                raise ValueError(
+                    f"model.whiten needs a first convolution with an even number of filters, "
+                    f"at most {2 * patch} (two per patch dimension); it has "
+                    f"{first.out_channels}{' and is depthwise' if first.groups != 1 else ''}"
+                )
+            first.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def whiten_first_layer(self, images: Tensor, eps: float = 5e-4) -> None:
+        """Set the first convolution's filters from normalised NCHW `images`, before training:
+        the eigenvectors of the images' patch covariance with the largest eigenvalues, each
+        scaled by 1/sqrt(eigenvalue + eps), and their negatives. Its outputs are decorrelated
+        patch components of unit variance, and the activation keeps both signs of them.
+        """
+        first = self.features[0][0]
+        kernel, half = first.kernel_size, first.out_channels // 2
+        dim = first.in_channels * kernel[0] * kernel[1]
+        moment, total, count = (
+            torch.zeros(dim, dim, dtype=torch.float64),
+            torch.zeros(dim, dtype=torch.float64),
+            0,
+        )
+        for chunk in images.split(256):  # the patches of all images would take gigabytes
+            patches = F.unfold(chunk.double().cpu(), kernel).transpose(1, 2).reshape(-1, dim)
+            moment += patches.T @ patches
+            total += patches.sum(0)
+            count += len(patches)
+        mean = total / count
+        values, vectors = torch.linalg.eigh(moment / count - torch.outer(mean, mean))
+        filters = (vectors[:, -half:] / (values[-half:] + eps).sqrt()).T
+        filters = torch.cat([filters, -filters]).reshape(first.weight.shape)
+        first.weight.copy_(filters.to(first.weight))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x))).flatten(1)

@@ -13,6 +13,7 @@ configure, which the builder calls before loading data.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal, TypeVar
 
@@ -34,7 +35,7 @@ from pydantic import (
 from cifar_exp import data, distributed, loaders
 from cifar_exp.compute import COMPILE_MODES, PRECISIONS, resolve_device
 from cifar_exp.errors import UserError
-from cifar_exp.loop import EPOCH_METRICS, SCORES, VAL_METRICS, LoopOptions, Schedule
+from cifar_exp.loop import EPOCH_METRICS, SCORES, TTA, VAL_METRICS, LoopOptions, Schedule
 
 Auto = Literal["auto"]
 Score = Literal[SCORES]
@@ -47,6 +48,11 @@ class Section(BaseModel):
 S = TypeVar("S", bound=Section)
 
 
+class Average(Section):
+    decay: float | None = Field(default=None, gt=0, lt=1)  # null: no moving average
+    every: PositiveInt = 1
+
+
 class Trainer(Section):
     epochs: PositiveInt
     device: str = "auto"
@@ -55,7 +61,9 @@ class Trainer(Section):
     resume: str | None = None
     monitor: Score | None = None  # null: val_acc with data.val_size, else test_acc
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    test_flip: bool = False
+    tta: Literal[TTA] = "none"
+    test_flip: bool | None = None  # the key tta replaced: true is tta=flip
+    ema: Average = Average()
     precision: Literal[("auto", *PRECISIONS)] = "auto"
     channels_last: bool = True
     compile: bool | Auto = "auto"
@@ -75,6 +83,13 @@ class Trainer(Section):
             except RuntimeError:
                 raise ValueError("not a device: use auto, cpu, cuda, cuda:<n> or mps") from None
         return name
+
+    @model_validator(mode="after")
+    def old_test_flip(self) -> Trainer:
+        """Configs and checkpoints from before trainer.tta say trainer.test_flip."""
+        if self.test_flip and self.tta == "none":
+            self.tta = "flip"
+        return self
 
 
 class Data(Section):
@@ -107,6 +122,16 @@ class Model(Section):
     in_channels: PositiveInt = 3
     num_classes: PositiveInt = 10
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    whiten: bool = False
+
+
+class NormAndBias(Section):
+    lr_scale: PositiveFloat = 1.0
+    weight_decay: float | None = Field(default=None, ge=0)  # null: optimizer.weight_decay
+
+
+class ParamGroups(Section):
+    norm_and_bias: NormAndBias = NormAndBias()
 
 
 class Budget(Section):
@@ -126,6 +151,7 @@ class Settings(Section):
     optimizer: Optimizer
     model: Model
     budget: Budget = Budget()
+    param_groups: ParamGroups = ParamGroups()
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -140,7 +166,7 @@ class Settings(Section):
     def loop(self) -> LoopOptions:
         trainer = self.trainer
         return LoopOptions(
-            trainer.epochs, self.seed, trainer.label_smoothing, trainer.test_flip, trainer.progress
+            trainer.epochs, self.seed, trainer.label_smoothing, trainer.tta, trainer.progress
         )
 
     @model_validator(mode="after")
@@ -256,16 +282,22 @@ def checked(section: type[S], cfg: DictConfig | dict, key: str = "") -> S:
 def validate(cfg: DictConfig) -> Settings:
     """The training config's values, checked and typed; a UserError naming what is at fault."""
     settings = checked(Settings, cfg)
-    check_schedule(cfg.scheduler, settings.trainer.epochs)
+    check_schedule(
+        cfg.scheduler, settings.trainer.epochs, settings.param_groups.norm_and_bias.lr_scale
+    )
     instantiate(cfg.augment).check(settings.data.image_size)
     return settings
 
 
-def check_schedule(scheduler_cfg: DictConfig, epochs: int) -> None:
+def check_schedule(scheduler_cfg: DictConfig, epochs: int, lr_scale: float = 1.0) -> None:
     """Step the configured scheduler through a run of `epochs` epochs (of one step each) on a
     stand-in optimizer: arguments it rejects, or a run longer than it can schedule (OneCycle
-    over fewer epochs), fail here rather than mid-run."""
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    over fewer epochs), fail here rather than mid-run. So does a scheduler that gives every
+    parameter group one learning rate (OneCycle's max_lr) when the norm-and-bias group asks
+    for its own (`lr_scale`)."""
+    weight, norm_and_bias = (torch.zeros(1, requires_grad=True) for _ in range(2))
+    groups = [{"params": [weight]}, {"params": [norm_and_bias], "lr": 0.1 * lr_scale}]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
     schedule = Schedule.from_config(scheduler_cfg, optimizer, steps_per_epoch=1)
     try:
         for _ in range(epochs):
@@ -277,3 +309,10 @@ def check_schedule(scheduler_cfg: DictConfig, epochs: int) -> None:
             f"scheduler.lr_scheduler cannot schedule trainer.epochs={epochs} epochs ({err}); "
             "change its arguments or the number of epochs"
         ) from None
+    peaks = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    if not math.isclose(peaks[1], peaks[0] * lr_scale):
+        raise UserError(
+            f"scheduler.lr_scheduler ({scheduler_cfg.lr_scheduler._target_}) sets one learning "
+            f"rate for every parameter group, so param_groups.norm_and_bias.lr_scale={lr_scale} "
+            "would have no effect; use scheduler=linear, step or cosine, or lr_scale=1"
+        )

@@ -24,6 +24,7 @@ from cifar_exp.compute import resolve_device, seed_everything
 from cifar_exp.loaders import Loaders
 from cifar_exp.loop import EPOCH_METRICS, LoopOptions, fit, predict
 from cifar_exp.models import ConvNet
+from cifar_exp.validation import Trainer, checked
 
 
 def run_fit(tmp_path, scheduler_factory, interval="epoch", monitor=None, epochs=2):
@@ -96,17 +97,35 @@ def test_same_seed_same_numbers(cifar_root, cache_dir, tmp_path):
     assert first != seeded_history(subset, 4, tmp_path / "c")
 
 
-def test_test_flip_averages_each_image_with_its_mirror_image():
+def test_tta_averages_the_logits_of_the_stated_views():
     torch.manual_seed(0)
     model = ConvNet(TINY_BLOCKS).eval()
     loader = random_loader(n=32, batch_size=16)
     images, labels = (torch.cat(parts) for parts in zip(*loader, strict=True))
+    mirrored = images.flip(3)
+    # One pixel down and right: row/column 1 of the padded image is row/column 0 of the image,
+    # and the new first row/column is the reflected second one.
+    down_right = [torch.cat([x[..., 1:2, :], x[..., :-1, :]], 2) for x in (images, mirrored)]
+    down_right = [torch.cat([x[..., :, 1:2], x[..., :, :-1]], 3) for x in down_right]
+    up_left = [torch.cat([x[..., 1:, :], x[..., -2:-1, :]], 2) for x in (images, mirrored)]
+    up_left = [torch.cat([x[..., :, 1:], x[..., :, -2:-1]], 3) for x in up_left]
     with torch.no_grad():
-        plain, averaged = model(images), (model(images) + model(images.flip(3))) / 2
-    for flip, logits in ((False, plain), (True, averaged)):
-        loss, predictions, targets = predict(model, loader, CPU, flip=flip)
+        expected = {
+            "none": model(images),
+            "flip": (model(images) + model(mirrored)) / 2,
+            "multi": sum(model(x) for x in (images, mirrored, *down_right, *up_left)) / 6,
+        }
+    assert not torch.allclose(expected["flip"], expected["multi"])
+    for tta, logits in expected.items():
+        loss, predictions, targets = predict(model, loader, CPU, tta=tta)
         assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
         assert torch.equal(predictions, logits.argmax(1)) and torch.equal(targets, labels)
+
+
+def test_old_test_flip_key_means_tta_flip():
+    assert checked(Trainer, {"epochs": 1, "test_flip": True}).tta == "flip"
+    assert checked(Trainer, {"epochs": 1, "test_flip": False}).tta == "none"
+    assert checked(Trainer, {"epochs": 1, "tta": "multi", "test_flip": True}).tta == "multi"
 
 
 def test_batches_are_normalised_by_the_data_set_statistics():

@@ -115,6 +115,20 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_as_left_alone(
     assert {2, 3} <= set(logged) and len(logged) == len(set(logged))
 
 
+def test_killed_with_a_weight_average_resumes_exactly(cifar_root, cache_dir, tmp_path):
+    average = ["trainer.ema.decay=0.9", "trainer.ema.every=7"]  # steps 7, 14, 21, 28 of each epoch
+    reference = tmp_path / "left-alone"
+    run_cli("train", *recipe(cifar_root, cache_dir, reference), *average)
+    run_dir = tmp_path / "killed"
+    stop_during_epoch_2(start([*recipe(cifar_root, cache_dir, run_dir), *average]), run_dir,
+                        signal.SIGKILL)  # fmt: skip
+    run_cli("train", f"trainer.resume={run_dir}", "trainer.progress=false")
+    assert_same_run(run_dir, reference)  # the tested (averaged) weights' metrics too
+    averaged = [checkpoint.load(d / "checkpoints" / "last.pt")["ema"] for d in (run_dir, reference)]
+    assert averaged[0].keys() == averaged[1].keys()
+    assert all(torch.equal(averaged[0][k], averaged[1][k]) for k in averaged[1])
+
+
 def resume_counting_loads(run_dir: Path) -> str:
     """`python -m cifar_exp.train trainer.resume=<run_dir>`, printing every torch.load."""
     script = (

@@ -165,11 +165,11 @@ def test_evaluate_flips_as_the_checkpoints_run_did_unless_told(smoke_run, cifar_
     data_cfg = compose_train(*data_overrides(cifar_root, cache_dir, train=10, test=200)).data
     data_settings = checked(Data, data_cfg)
     _, plain_loss, *_ = predict_test_set(checkpoint, data_settings)  # tested without flips
-    _, flipped_loss, *_ = predict_test_set(checkpoint, data_settings, flip=True)
+    _, flipped_loss, *_ = predict_test_set(checkpoint, data_settings, tta="flip")
     checkpoint["config"]["trainer"]["test_flip"] = True
     _, default_loss, *_ = predict_test_set(checkpoint, data_settings)
     assert default_loss == flipped_loss != plain_loss
-    assert predict_test_set(checkpoint, data_settings, flip=False)[1] == plain_loss
+    assert predict_test_set(checkpoint, data_settings, tta="none")[1] == plain_loss
 
 
 def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):
