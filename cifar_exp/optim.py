@@ -114,3 +114,82 @@ def evaluated_weights(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if averaged is None:
         return state["model"]
     return {k.removeprefix("module."): v for k, v in averaged.items() if k != "n_averaged"}
+
+
+def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """A filter bank (out, in, kh, kw), or any tensor of two or more dimensions, as a matrix
+    with one row per output channel: a view of the same memory, in channels_last order where
+    the tensor is stored so. The order of the columns does not change Muon's orthogonalised
+    update, only which memory it is read from."""
+    if tensor.ndim == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor.permute(0, 2, 3, 1).flatten(1)
+    return tensor.flatten(1)
+
+
+class MuonForFilters(torch.optim.Optimizer):
+    """torch.optim.Muon for every parameter of two or more dimensions (convolution filters,
+    seen as matrices by `as_matrix`), and `rest` (a partial torch.optim optimizer, given `lr`,
+    `weight_decay` and `rest_options`) for the others: norm layers and biases. Muon takes only
+    2-D parameters, so it is given 2-D views of the filters, whose gradients are the filters'
+    gradients seen the same way; its in-place updates of the views update the filters.
+
+    Its param_groups are the two optimizers' own, so a learning-rate scheduler scales both,
+    each from its own peak; a group of the given params keeps its lr and weight decay for its
+    1-D parameters (param_groups.norm_and_bias).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        rest: Any,
+        lr: float,
+        weight_decay: float = 0.0,
+        filters: Mapping[str, Any] | None = None,
+        **rest_options: Any,
+    ) -> None:
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.matrices: list[tuple[nn.Parameter, torch.Tensor]] = []
+        muon_params, rest_groups = [], []
+        for group in groups:
+            for p in group["params"]:
+                if p.ndim >= 2:
+                    matrix = nn.Parameter(as_matrix(p.detach()))
+                    self.matrices.append((matrix, p))
+                    muon_params.append(matrix)
+            others = [p for p in group["params"] if p.ndim < 2]
+            if others:
+                rest_groups.append({**group, "params": others})
+        self.muon = torch.optim.Muon(muon_params, **(filters or {}))
+        self.rest = rest(rest_groups, lr=lr, weight_decay=weight_decay, **rest_options)
+        # Not Optimizer.__init__: the parameters belong to the two optimizers, whose groups
+        # and state these are.
+        self.defaults = {"lr": lr, "weight_decay": weight_decay}
+        self.param_groups = self.muon.param_groups + self.rest.param_groups
+        self.state = {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for matrix, filters in self.matrices:
+            matrix.grad = None if filters.grad is None else as_matrix(filters.grad)
+        self.muon.step()
+        self.rest.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for matrix, filters in self.matrices:
+            matrix.grad = None
+            if filters.grad is not None:
+                filters.grad = None if set_to_none else filters.grad.zero_()
+        self.rest.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "rest": self.rest.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.rest.load_state_dict(state["rest"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CPU, MEAN, STD, TINY_BLOCKS, compose_train, data_overrides
+from hydra.utils import instantiate
 
 from cifar_exp.augment import BatchAugment
 from cifar_exp.builder import WHITEN_EVERY, build
@@ -14,7 +15,7 @@ from cifar_exp.data import ImageSet
 from cifar_exp.errors import UserError
 from cifar_exp.loop import Schedule
 from cifar_exp.models import ConvNet
-from cifar_exp.optim import WeightAverage, evaluated_weights
+from cifar_exp.optim import WeightAverage, evaluated_weights, param_groups
 from cifar_exp.validation import validate
 
 
@@ -189,3 +190,48 @@ def test_whitened_first_layer_decorrelates_patches_and_is_frozen(cifar_root, cac
 def test_whitening_needs_room_for_two_filters_per_patch_dimension():
     with pytest.raises(ValueError, match="model.whiten"):
         ConvNet([{"convs": [64], "transition": {"channels": 16}}], whiten=True)
+
+
+def muon_setup(channels_last: bool):
+    torch.manual_seed(0)
+    model = ConvNet(TINY_BLOCKS)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cfg = compose_train("optimizer=muon", "optimizer.lr=0.1", "optimizer.nesterov=true")
+    groups = param_groups(model, 0.1, 5e-4, lr_scale=2.0, norm_and_bias_decay=0.0)
+    return model, instantiate(cfg.optimizer)(groups)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_muon_updates_the_filters_as_matrices_and_sgd_the_rest(channels_last):
+    model, optimizer = muon_setup(channels_last)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    images = torch.randn(4, 3, 32, 32)
+    torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 2, 3])).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:  # what torch.optim.Muon does to the filter bank as a matrix
+            matrix = torch.nn.Parameter(before[name].flatten(1).clone())
+            matrix.grad = grads[name].flatten(1)
+            torch.optim.Muon([matrix], lr=0.05, momentum=0.95, nesterov=True,
+                             weight_decay=0.0).step()  # fmt: skip
+            torch.testing.assert_close(p.detach().flatten(1), matrix.detach())
+        else:  # SGD at the norm-and-bias group's lr (0.1 x 2), no decay; Nesterov's first step
+            torch.testing.assert_close(p.detach(), before[name] - 0.2 * 1.9 * grads[name])
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_muon_views_share_the_filters_memory_and_a_scheduler_drives_both_optimizers():
+    model, optimizer = muon_setup(channels_last=True)
+    for matrix, filters in optimizer.matrices:
+        assert matrix.data_ptr() == filters.data_ptr() and matrix.ndim == 2
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    assert [g["lr"] for g in optimizer.muon.param_groups] == [0.025]
+    assert [g["lr"] for g in optimizer.rest.param_groups] == [0.1]  # 0.1 x 2 x 0.5
+    state = optimizer.state_dict()
+    _, fresh = muon_setup(channels_last=True)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["rest"]["param_groups"] == state["rest"]["param_groups"]
+    assert schedule.get_last_lr() == [0.025, 0.1]
