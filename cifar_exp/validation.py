@@ -179,6 +179,7 @@ class Settings(Section):
             *self.metric_problems(),
             *self.size_problems(),
             *self.device_problems(),
+            *self.optimizer_problems(),
         ]
         if problems:
             raise ValueError("\n  ".join(problems))
@@ -225,6 +226,17 @@ class Settings(Section):
                 f"data.limit_train={data.limit_train}; hold out fewer"
             )
         return problems
+
+    def optimizer_problems(self) -> list[str]:
+        # fp16's loss scaler unscales the gradients it finds in the optimizer's groups; Muon's
+        # groups hold views whose gradients are filled only when it steps.
+        muon = str(self.optimizer.model_extra.get("_target_", "")).endswith("MuonForFilters")
+        if muon and self.trainer.precision == "fp16":
+            return [
+                "optimizer=muon cannot train with trainer.precision=fp16 (its loss scaler would "
+                "not see the filters' gradients); use trainer.precision=bf16, fp32 or auto"
+            ]
+        return []
 
     def device_problems(self) -> list[str]:
         trainer, problems = self.trainer, []

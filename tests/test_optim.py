@@ -235,3 +235,8 @@ def test_muon_views_share_the_filters_memory_and_a_scheduler_drives_both_optimiz
     fresh.load_state_dict(state)
     assert fresh.state_dict()["rest"]["param_groups"] == state["rest"]["param_groups"]
     assert schedule.get_last_lr() == [0.025, 0.1]
+
+
+def test_muon_with_fp16_loss_scaling_is_refused():
+    with pytest.raises(UserError, match="optimizer=muon cannot train with trainer.precision=fp16"):
+        validate(compose_train("optimizer=muon", "trainer.precision=fp16"))
