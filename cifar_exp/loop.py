@@ -30,6 +30,13 @@ EPOCH_METRICS = (
 VAL_METRICS = ("val_loss", "val_acc")  # added when there is a validation loader
 # The metrics that have a best value: a loss is best lowest, an accuracy highest.
 SCORES = ("train_loss", "train_acc", "test_loss", "test_acc", *VAL_METRICS)
+
+
+def best_is_lowest(metric: str) -> bool:
+    """Whether the best value of a score (or of best_<score>) is its lowest: a loss's."""
+    return metric.endswith("loss")
+
+
 CHECK_EVERY = 20  # steps between loss checks and progress-bar updates (each waits for the GPU)
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoint, interrupt, plots, tracking
-from cifar_exp.loop import SCORES
+from cifar_exp.loop import SCORES, best_is_lowest
 
 if TYPE_CHECKING:
     from cifar_exp.builder import Training
@@ -43,7 +43,7 @@ CHECKPOINTS = Path("checkpoints")
 
 def best_epoch(history: list[dict], metric: str) -> dict:
     """The epoch's metrics with the best value of `metric`; the earlier epoch on a tie."""
-    pick = min if metric.endswith("loss") else max
+    pick = min if best_is_lowest(metric) else max
     return pick(history, key=lambda m: m[metric])
 
 
@@ -140,6 +140,7 @@ class RunRecord:
         logger_cfg = cfg.logger if writes else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
         run_id = resumed.wandb_run_id if resumed else None
         with tracking.start_run(logger_cfg, run_dir, facts.config, run_id=run_id) as tracker:
+            tracking.define_metrics(tracker, facts.optimized_metric)
             tracker.summary.update(
                 {"params": facts.params, "receptive_field": facts.receptive_field}
             )
@@ -160,7 +161,9 @@ class RunRecord:
             return
         with (self.run_dir / METRICS).open("a") as f:
             f.write(json.dumps(metrics) + "\n")
-        self.tracker.log(metrics, step=metrics["epoch"])
+        results = self.results()
+        swept = f"best_{self.facts.optimized_metric}"  # the W&B sweep files' metric
+        self.tracker.log({**metrics, swept: results[swept]}, step=metrics["epoch"])
         log.info(
             "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.3g  %.1fs",
             metrics["epoch"], self.facts.epochs, metrics["train_loss"], metrics["train_acc"],
@@ -170,7 +173,13 @@ class RunRecord:
         checkpoint.save(state, self.run_dir / CHECKPOINTS / "last.pt")
         if self.best is metrics:
             checkpoint.save(state, self.run_dir / CHECKPOINTS / "best.pt")
-        write_atomically(self.run_dir / RESULTS, json.dumps(self.results(), indent=2) + "\n")
+        self.publish(results)
+
+    def publish(self, results: dict[str, Any]) -> None:
+        """The results so far into results.json and the W&B summary (every epoch, so a run
+        that stops early has its best values in both)."""
+        write_atomically(self.run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+        self.tracker.summary.update(results)
 
     def keep_interrupted(self, trainee: Trainee, stop: interrupt.Interrupted) -> None:
         """The weights when a stop signal came mid-epoch, for a look; resuming restarts that
@@ -216,13 +225,11 @@ class RunRecord:
         curves and the best checkpoint as a W&B artifact."""
         results = self.results()
         if self.writes:
-            write_atomically(self.run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+            self.publish(results)
             with (self.run_dir / SUMMARY).open("a") as f:
                 f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
             graphs = plots.plot_curves(self.history, self.run_dir / GRAPHS)
-            tracking.log_results(
-                self.tracker, results, graphs, self.run_dir / CHECKPOINTS / "best.pt"
-            )
+            tracking.log_results(self.tracker, graphs, self.run_dir / CHECKPOINTS / "best.pt")
         log.info(
             "Best %s %.4f at epoch %d (test accuracy %.4f), final test accuracy %.4f. "
             "Run folder: %s",

@@ -14,6 +14,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from cifar_exp.loop import SCORES, best_is_lowest
+
 
 def keep_files_in(folder: Path) -> None:
     """Send W&B's cache, data, artifact staging and settings folders to folder/wandb."""
@@ -66,10 +68,23 @@ def start_run(
     run.finish()
 
 
-def log_results(run: Any, results: dict[str, Any], graphs: Path, checkpoint: Path) -> None:
-    """The results into the run's summary, the curves as an image, and the checkpoint as a
-    W&B model artifact."""
-    run.summary.update(results)
+def define_metrics(run: Any, optimized_metric: str) -> None:
+    """Epoch metrics are plotted against `epoch`; the summary keeps each score's best value
+    (highest accuracy, lowest loss), so a run that stops early still shows it.
+
+    best_<optimized_metric> is the metric the W&B sweep files optimise: it is logged every
+    epoch (see RunRecord.end_epoch) and its summary is its latest value, the best epoch's so
+    far. (W&B 0.31's define_metric has no `goal`; the sweep file states it.)
+    """
+    run.define_metric("epoch")
+    run.define_metric("*", step_metric="epoch")
+    for name in SCORES:
+        run.define_metric(name, summary="min" if best_is_lowest(name) else "max")
+    run.define_metric(f"best_{optimized_metric}", step_metric="epoch", summary="last")
+
+
+def log_results(run: Any, graphs: Path, checkpoint: Path) -> None:
+    """The curves as an image, and the checkpoint as a W&B model artifact."""
     run.log({"graphs": wandb.Image(str(graphs))})
     artifact = wandb.Artifact("model", type="model")
     artifact.add_file(str(checkpoint))

@@ -164,6 +164,7 @@ class RecordingTracker:
 
     def __init__(self):
         self.logged = []
+        self.summary = {}
 
     def log(self, metrics, step):
         self.logged.append((step, metrics))

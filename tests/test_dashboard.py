@@ -1,0 +1,82 @@
+"""What a W&B dashboard shows of a run, read back from offline runs on real images:
+define_metric summaries (also of a run stopped early), configuration id, tags, job types and
+the per-run model artifact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, data_overrides, read_metrics, wandb_records
+
+from cifar_exp.loop import SCORES
+
+
+def final_summary(records: list[dict]) -> dict:
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"]["update"])
+    return summary
+
+
+def defined_metrics(records: list[dict]) -> dict[str, dict]:
+    """The define_metric records by metric name (or glob)."""
+    metrics = [r["metric"] for r in records if r["type"] == "metric"]
+    return {m.get("name") or m["glob_name"]: m for m in metrics}
+
+
+@pytest.fixture(scope="module")
+def stopped_run(cifar_root, cache_dir, tmp_path_factory):
+    """A 4-epoch run stopped by SIGTERM during epoch 3: it never reaches its end."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "cifar_exp.train",
+            *data_overrides(cifar_root, cache_dir, train=500, test=200),
+            "trainer.epochs=4", f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while not (metrics.is_file() and metrics.read_text().count("\n") == 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "epoch 2 never finished"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert len(read_metrics(run_dir)) == 2, "the signal came after epoch 3 ended"
+    return run_dir
+
+
+def test_stopped_run_summary_holds_the_best_values(stopped_run):
+    records = wandb_records(stopped_run)
+    metrics = read_metrics(stopped_run)
+    defined = defined_metrics(records)
+    assert defined["*"]["step_metric"] == "epoch"
+    for name in SCORES:
+        assert defined[name]["summary"] == ({"min": True} if "loss" in name else {"max": True})
+    summary = final_summary(records)
+    assert summary["test_acc"] == {"max": pytest.approx(max(m["test_acc"] for m in metrics))}
+    assert summary["test_loss"] == {"min": pytest.approx(min(m["test_loss"] for m in metrics))}
+    assert summary["train_acc"] == {"max": pytest.approx(max(m["train_acc"] for m in metrics))}
+    # written every epoch, not only at the end the stopped run never reached
+    best = max(metrics, key=lambda m: m["test_acc"])
+    assert summary["best_test_acc"] == pytest.approx(best["test_acc"])
+    assert summary["best_epoch"] == best["epoch"] and summary["epochs"] == 2
+    assert not [r for r in records if r["type"] == "artifact"]  # no end, no model artifact
+
+
+def test_the_sweep_metric_is_defined_and_logged_every_epoch(stopped_run):
+    records = wandb_records(stopped_run)
+    sweep_metric = defined_metrics(records)["best_test_acc"]
+    assert sweep_metric["step_metric"] == "epoch" and sweep_metric["summary"] == {"last": True}
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all("best_test_acc" in h for h in history)
