@@ -15,6 +15,7 @@ history and rank 0 alone writes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import checkpoint, interrupt, plots, tracking
+from cifar_exp import checkpoint, interrupt, plots, resume, tracking
 from cifar_exp.loop import SCORES, best_is_lowest
 
 if TYPE_CHECKING:
@@ -45,6 +46,13 @@ def best_epoch(history: list[dict], metric: str) -> dict:
     """The epoch's metrics with the best value of `metric`; the earlier epoch on a tie."""
     pick = min if best_is_lowest(metric) else max
     return pick(history, key=lambda m: m[metric])
+
+
+def configuration_id(config: dict) -> str:
+    """What runs that differ only in seed, or in where and how they run (conf/train.yaml's
+    runtime_keys), share: a stable hash of the config without those keys."""
+    kept = resume.experiment(config, [*config.get("runtime_keys", []), "seed"])
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -86,6 +94,8 @@ class RunFacts:
     receptive_field: int = 0
     config: dict | None = None  # the resolved config, kept in every checkpoint
     classes: tuple[str, ...] = ()
+    configuration_id: str = ""  # shared by the runs that differ only in seed or runtime keys
+    tags: tuple[str, ...] = ()  # the W&B run's tags (kept in checkpoints for a resumed run)
 
 
 class RunRecord:
@@ -121,14 +131,20 @@ class RunRecord:
         """The record of the run that `cfg` configures and `training` built, continuing the
         `resumed` one if given, with its W&B run open for the block (marked failed if the
         block raises)."""
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config_id = configuration_id(config)
+        # A resumed run keeps its tags: this command's Hydra choices are not the run's.
+        tags = resumed.wandb_tags if resumed else tracking.choice_tags()
         facts = RunFacts(
             monitor=settings.trainer.monitor,
             optimized_metric=settings.optimized_metric,
             epochs=settings.trainer.epochs,
             params=training.params,
             receptive_field=training.receptive_field,
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=config,
             classes=training.classes,
+            configuration_id=config_id,
+            tags=(*dict.fromkeys([*tags, f"config:{config_id}"]),),
         )
         done = resumed.epoch if resumed else 0
         history = rewind_metrics(run_dir / METRICS, done, rewrite=writes) if resumed else []
@@ -139,7 +155,13 @@ class RunRecord:
         )  # fmt: skip
         logger_cfg = cfg.logger if writes else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
         run_id = resumed.wandb_run_id if resumed else None
-        with tracking.start_run(logger_cfg, run_dir, facts.config, run_id=run_id) as tracker:
+        with tracking.start_run(
+            logger_cfg,
+            run_dir,
+            {**facts.config, "configuration_id": config_id},
+            run_id=run_id,
+            tags=list(facts.tags),
+        ) as tracker:
             tracking.define_metrics(tracker, facts.optimized_metric)
             tracker.summary.update(
                 {"params": facts.params, "receptive_field": facts.receptive_field}
@@ -202,7 +224,7 @@ class RunRecord:
             best.update(best_epoch=self.best["epoch"], best_value=self.best[self.facts.monitor])
         return checkpoint.capture(
             trainee, **position, config=self.facts.config, classes=list(self.facts.classes),
-            wandb_run_id=self.tracker.id, monitor=best,
+            wandb_run_id=self.tracker.id, wandb_tags=list(self.facts.tags), monitor=best,
         )  # fmt: skip
 
     def results(self) -> dict[str, Any]:
@@ -218,6 +240,7 @@ class RunRecord:
             "receptive_field": self.facts.receptive_field,
             "mean_epoch_seconds": statistics.fmean(m["epoch_seconds"] for m in self.history),
             "optimized_metric": self.facts.optimized_metric,
+            "configuration_id": self.facts.configuration_id,
         }
 
     def finish(self) -> dict[str, Any]:
@@ -229,7 +252,9 @@ class RunRecord:
             with (self.run_dir / SUMMARY).open("a") as f:
                 f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
             graphs = plots.plot_curves(self.history, self.run_dir / GRAPHS)
-            tracking.log_results(self.tracker, graphs, self.run_dir / CHECKPOINTS / "best.pt")
+            tracking.log_results(
+                self.tracker, results, graphs, self.run_dir / CHECKPOINTS / "best.pt"
+            )
         log.info(
             "Best %s %.4f at epoch %d (test accuracy %.4f), final test accuracy %.4f. "
             "Run folder: %s",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,31 @@ def keep_files_in(folder: Path) -> None:
     wandb_dir.mkdir(parents=True, exist_ok=True)
 
 
+# Config groups whose choice (from the command line or a preset) tags a run.
+TAGGED_CHOICES = {"experiment": "experiment", "model": "model", "model/norm": "norm",
+                  "augment": "augment"}  # fmt: skip
+
+
+def choice_tags() -> list[str]:
+    """Tags from this Hydra job's choices (experiment preset, model, norm, augmentation) and
+    its search study, e.g. norm:group, study:cifar_exp."""
+    hydra_cfg = HydraConfig.get()
+    choices = hydra_cfg.runtime.choices
+    tags = [
+        f"{tag}:{choices[group]}" for group, tag in TAGGED_CHOICES.items() if choices.get(group)
+    ]
+    if choices.get("hparams_search"):
+        tags.append(f"study:{hydra_cfg.sweeper.study_name}")
+    return tags
+
+
 @contextlib.contextmanager
 def start_run(
-    logger_cfg: DictConfig, run_dir: Path, config: dict[str, Any], run_id: str | None = None
+    logger_cfg: DictConfig,
+    run_dir: Path,
+    config: dict[str, Any],
+    run_id: str | None = None,
+    tags: list[str] | None = None,
 ) -> Iterator[Any]:
     """The W&B run of this Hydra job (offline, online or disabled, as configured).
 
@@ -40,7 +63,7 @@ def start_run(
     data, artifact staging and settings folders go under run_dir/wandb, not the home folder.
     With `run_id` (a resumed run) the same W&B run continues. The run finishes when the block
     ends, with the exit code of an error or stop signal that ends it (W&B's own context
-    manager would print a traceback for it).
+    manager would print a traceback for it). `tags` join the logger's own.
     """
     keep_files_in(run_dir)
     hydra_cfg = HydraConfig.get()
@@ -56,6 +79,7 @@ def start_run(
         config=config,
         name=name,
         group=group,
+        tags=[*logger_cfg.get("tags", []), *(tags or [])],
         reinit="finish_previous",  # one run per job, even inside a multirun process
         **resume,
     )
@@ -83,9 +107,18 @@ def define_metrics(run: Any, optimized_metric: str) -> None:
     run.define_metric(f"best_{optimized_metric}", step_metric="epoch", summary="last")
 
 
-def log_results(run: Any, graphs: Path, checkpoint: Path) -> None:
-    """The curves as an image, and the checkpoint as a W&B model artifact."""
+# The results that describe a model artifact (its metadata), beside any best_* accuracy.
+ARTIFACT_FACTS = ("best_epoch", "final_test_acc", "epochs", "params", "receptive_field",
+                  "configuration_id", "monitor")  # fmt: skip
+
+
+def log_results(run: Any, results: dict[str, Any], graphs: Path, checkpoint: Path) -> None:
+    """The curves as an image, and the checkpoint as the run's own model artifact,
+    model-<run id> (aliases best and latest), described by the run's accuracies, epoch,
+    parameters, receptive field and configuration id."""
     run.log({"graphs": wandb.Image(str(graphs))})
-    artifact = wandb.Artifact("model", type="model")
+    described = [k for k in results if k in ARTIFACT_FACTS or re.fullmatch(r"best_\w+_acc", k)]
+    metadata = {k: results[k] for k in described}
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=metadata)
     artifact.add_file(str(checkpoint))
-    run.log_artifact(artifact, aliases=["best"])
+    run.log_artifact(artifact, aliases=["best", "latest"])

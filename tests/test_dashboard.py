@@ -4,6 +4,7 @@ the per-run model artifact."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,9 +12,11 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, data_overrides, read_metrics, wandb_records
+from conftest import REPO, compose_train, data_overrides, read_metrics, wandb_records
+from omegaconf import OmegaConf
 
 from cifar_exp.loop import SCORES
+from cifar_exp.record import configuration_id
 
 
 def final_summary(records: list[dict]) -> dict:
@@ -80,3 +83,60 @@ def test_the_sweep_metric_is_defined_and_logged_every_epoch(stopped_run):
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert all("best_test_acc" in h for h in history)
+
+
+def config_id(*overrides: str) -> str:
+    return configuration_id(OmegaConf.to_container(compose_train(*overrides), resolve=True))
+
+
+def test_configuration_id_ignores_seed_and_runtime_keys_only():
+    plain = config_id()
+    assert plain == config_id("seed=7", "data.root=/elsewhere", "trainer.device=cpu",
+                              "logger.mode=disabled", "trainer.threads=1")  # fmt: skip
+    assert len({plain, config_id("model/norm=group"), config_id("optimizer.lr=0.01")}) == 3
+
+
+def run_header(records: list[dict]) -> dict:
+    return next(r["run"] for r in records if r["type"] == "run")
+
+
+def test_seed_runs_share_a_configuration_id_in_results_config_and_tags(seed_sweep):
+    runs = sorted(p for p in seed_sweep.iterdir() if p.is_dir())
+    assert len(runs) == 6
+    ids = {}
+    for run in runs:
+        results = json.loads((run / "results.json").read_text())
+        header = run_header(wandb_records(run))
+        norm = OmegaConf.load(run / ".hydra" / "config.yaml").model.norm._target_
+        config = header["config"]["update"]
+        assert config["configuration_id"] == results["configuration_id"]
+        assert config["seed"] in (0, 1, 2)
+        assert header["job_type"] == "train"
+        norm_tag = "norm:batch" if norm.endswith("BatchNorm2d") else "norm:group"
+        assert set(header["tags"]) == {
+            "experiment:norm_comparison", "model:s9", norm_tag, "augment:s9_batched",
+            f"config:{results['configuration_id']}",
+        }  # fmt: skip
+        ids.setdefault(norm, set()).add(results["configuration_id"])
+    assert len(ids) == 2 and all(len(shared) == 1 for shared in ids.values())
+    assert len(set.union(*ids.values())) == 2
+
+
+def test_each_run_logs_its_own_model_artifact_with_metadata(seed_sweep):
+    names = set()
+    for run in sorted(p for p in seed_sweep.iterdir() if p.is_dir()):
+        records = wandb_records(run)
+        results = json.loads((run / "results.json").read_text())
+        (artifact,) = [r["artifact"] for r in records if r["type"] == "artifact"]
+        run_id = run_header(records)["run_id"]
+        assert artifact["name"] == f"model-{run_id}" and artifact["type"] == "model"
+        assert set(artifact["aliases"]) == {"best", "latest"}
+        metadata = json.loads(artifact["metadata"])
+        assert metadata["best_test_acc"] == pytest.approx(results["best_test_acc"])
+        assert metadata["final_test_acc"] == pytest.approx(results["final_test_acc"])
+        assert metadata["best_epoch"] == results["best_epoch"]
+        assert metadata["params"] == results["params"] == 180_298
+        assert metadata["receptive_field"] == results["receptive_field"]
+        assert metadata["configuration_id"] == results["configuration_id"]
+        names.add(artifact["name"])
+    assert len(names) == 6
