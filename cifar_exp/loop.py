@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -135,16 +135,24 @@ def check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> None
         )
 
 
+class Predictions(NamedTuple):
+    loss: float  # mean cross-entropy
+    predicted: torch.Tensor  # the predicted class of every image
+    targets: torch.Tensor  # its true class
+    confidence: torch.Tensor  # the softmax probability of the predicted class
+
+
 @torch.no_grad()
 def predict(
     forward: nn.Module, loader: Iterable, compute: Compute, flip: bool = False
-) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the loader, and the predicted and true class of every image.
+) -> Predictions:
+    """Mean cross-entropy over the loader, and the predicted and true class of every image
+    with the confidence of the prediction.
 
     `flip`: test-time augmentation, each image's logits averaged with its mirror image's.
     """
     forward.eval()
-    loss_sum, predictions, targets = 0.0, [], []
+    loss_sum, predictions, targets, confidences = 0.0, [], [], []
     for images, labels in loader:
         images, labels = compute.batch(images, labels)
         with compute.autocast():
@@ -152,15 +160,19 @@ def predict(
             if flip:
                 logits = (logits + forward(images.flip(3))) / 2
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        predictions.append(logits.argmax(1))
+        confidence, predicted = logits.float().softmax(1).max(1)
+        predictions.append(predicted)
+        confidences.append(confidence)
         targets.append(labels)
     predictions, targets = torch.cat(predictions).cpu(), torch.cat(targets).cpu()
-    return float(loss_sum) / len(targets), predictions, targets
+    return Predictions(
+        float(loss_sum) / len(targets), predictions, targets, torch.cat(confidences).cpu()
+    )
 
 
 def score(trainee: Trainee, loader: Iterable, flip: bool) -> tuple[float, float]:
     """Mean loss and accuracy of the trainee on the loader's images."""
-    loss, predictions, targets = predict(trainee.forward, loader, trainee.compute, flip)
+    loss, predictions, targets, _ = predict(trainee.forward, loader, trainee.compute, flip)
     return loss, (predictions == targets).float().mean().item()
 
 

@@ -5,6 +5,8 @@
                        it, parameters, receptive field, epochs, mean epoch time (every epoch)
     summary.txt        the network's torchinfo table, then the results
     graphs.png         loss and accuracy per epoch
+    per_class.json     the best checkpoint's accuracy per class and confusion matrix (at the end)
+    confusion.png      that confusion matrix
     checkpoints/       last.pt and best.pt every epoch; interrupted.pt on a stop signal
 
 "Best" is decided here alone: the epoch with the best value of `trainer.monitor` (the lowest
@@ -27,8 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import checkpoint, interrupt, plots, resume, tracking
+from cifar_exp import checkpoint, evaluate, interrupt, plots, resume, tracking
 from cifar_exp.loop import SCORES, best_is_lowest
+from cifar_exp.per_class import ClassView
+from cifar_exp.validation import Data, checked
 
 if TYPE_CHECKING:
     from cifar_exp.builder import Training
@@ -153,7 +157,8 @@ class RunRecord:
             "%s; %d training and %d test images; run folder %s",
             training.trainee.compute, *training.sizes, run_dir,
         )  # fmt: skip
-        logger_cfg = cfg.logger if writes else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
+        quiet = {"mode": "disabled", "tensorboard": False}  # the ranks that write nothing
+        logger_cfg = cfg.logger if writes else OmegaConf.merge(cfg.logger, quiet)
         run_id = resumed.wandb_run_id if resumed else None
         with tracking.start_run(
             logger_cfg,
@@ -243,15 +248,25 @@ class RunRecord:
             "configuration_id": self.facts.configuration_id,
         }
 
+    def class_view(self) -> ClassView:
+        """The best checkpoint's per-class view of the run's test set."""
+        state = checkpoint.load(self.run_dir / CHECKPOINTS / "best.pt")
+        data_settings = checked(Data, state["config"]["data"], key="data")
+        return evaluate.class_view(state, data_settings, state["config"]["trainer"]["device"])
+
     def finish(self) -> dict[str, Any]:
         """The results, written to results.json, summary.txt and the W&B summary, with the
-        curves and the best checkpoint as a W&B artifact."""
+        curves, the best checkpoint's per-class view (per_class.json, confusion.png, W&B
+        panels) and the best checkpoint as a W&B artifact."""
         results = self.results()
         if self.writes:
             self.publish(results)
             with (self.run_dir / SUMMARY).open("a") as f:
                 f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
             graphs = plots.plot_curves(self.history, self.run_dir / GRAPHS)
+            view = self.class_view()
+            view.write(self.run_dir)
+            view.log(self.tracker)
             tracking.log_results(
                 self.tracker, results, graphs, self.run_dir / CHECKPOINTS / "best.pt"
             )

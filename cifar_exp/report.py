@@ -144,7 +144,7 @@ def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> 
     data_settings = checked(Data, run.config.data, key="data")
     limit = data_settings.limit_test
     data_settings.limit_test = eval_images if limit is None else min(limit, eval_images)
-    test_set, _, predictions, targets = evaluate.predict_test_set(state, data_settings, device)
+    test_set, (_, predictions, targets, _) = evaluate.predict_test_set(state, data_settings, device)
     all_wrong = (predictions != targets).nonzero().flatten().numpy()
     # Balanced over the true classes: folder-format test sets list the images class by class.
     wrong = all_wrong[data.balanced_subset(targets[all_wrong].numpy(), images)].tolist()

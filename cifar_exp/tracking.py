@@ -13,7 +13,8 @@ import wandb
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
 
 from cifar_exp.loop import SCORES, best_is_lowest
 
@@ -66,6 +67,8 @@ def start_run(
     manager would print a traceback for it). `tags` join the logger's own.
     """
     keep_files_in(run_dir)
+    tensorboard = logger_cfg.get("tensorboard", False)
+    logger_cfg = OmegaConf.masked_copy(logger_cfg, [k for k in logger_cfg if k != "tensorboard"])
     hydra_cfg = HydraConfig.get()
     name = logger_cfg.get("name") or hydra_cfg.job.override_dirname or None
     group = logger_cfg.get("group")
@@ -83,13 +86,39 @@ def start_run(
         reinit="finish_previous",  # one run per job, even inside a multirun process
         **resume,
     )
+    writer = SummaryWriter(str(run_dir / TENSORBOARD)) if tensorboard else None
     try:
-        yield run
+        yield TensorBoardMirror(run, writer) if writer else run
     except BaseException as err:
         code = err.code if isinstance(err, SystemExit) else getattr(err, "exit_code", 1)
         run.finish(exit_code=code if isinstance(code, int) else 1)
         raise
+    finally:
+        if writer:
+            writer.close()
     run.finish()
+
+
+TENSORBOARD = "tensorboard"  # the event files' folder in the run folder
+
+
+class TensorBoardMirror:
+    """The W&B run, with every number logged at a step also written as a TensorBoard scalar
+    (logger.tensorboard=true; logger=tensorboard is that without W&B)."""
+
+    def __init__(self, run: Any, writer: Any) -> None:
+        self.run, self.writer = run, writer
+
+    def log(self, data: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        if step is not None:
+            for key, value in data.items():
+                if isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        self.run.log(data, step=step, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.run, name)
 
 
 def define_metrics(run: Any, optimized_metric: str) -> None:

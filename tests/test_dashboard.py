@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, compose_train, data_overrides, read_metrics, wandb_records
+from conftest import REPO, compose_train, data_overrides, read_metrics, run_cli, wandb_records
 from omegaconf import OmegaConf
 
 from cifar_exp.loop import SCORES
@@ -140,3 +140,55 @@ def test_each_run_logs_its_own_model_artifact_with_metadata(seed_sweep):
         assert metadata["configuration_id"] == results["configuration_id"]
         names.add(artifact["name"])
     assert len(names) == 6
+
+
+def test_run_ends_with_the_best_checkpoints_per_class_view(seed_sweep):
+    run = min(p for p in seed_sweep.iterdir() if p.is_dir())
+    results = json.loads((run / "results.json").read_text())
+    view = json.loads((run / "per_class.json").read_text())
+    confusion = view["confusion"]
+    assert view["epoch"] == results["best_epoch"] and view["images"] == 100
+    assert view["accuracy"] == pytest.approx(results["best_test_acc"], abs=1e-6)
+    assert sum(map(sum, confusion)) == 100
+    for i, name in enumerate(view["classes"]):
+        assert view["per_class_accuracy"][name] == pytest.approx(confusion[i][i] / 10)
+    assert (run / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    records = wandb_records(run)
+    summary = final_summary(records)
+    assert summary["class_acc/cat"] == pytest.approx(view["per_class_accuracy"]["cat"])
+    history = {
+        k: v for r in records if r["type"] == "history" for k, v in r["history"]["item"].items()
+    }
+    assert history["confusion_matrix_table._type"] == "table-file"  # W&B's confusion panel
+    assert history["misclassified._type"] == "table-file"
+    (table_file,) = run.glob(f"wandb/offline-run-*/files/{history['misclassified.path']}")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["image", "true", "predicted", "confidence"]
+    wrong = 100 - sum(confusion[i][i] for i in range(10))
+    assert len(table["data"]) == min(wrong, 100) > 0
+    for _, true, predicted, confidence in table["data"]:
+        assert true != predicted and 0.1 <= confidence <= 1  # the top of 10 probabilities
+
+
+def test_logger_tensorboard_writes_event_files_that_tensorboard_reads(
+    cifar_root, cache_dir, tmp_path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run_cli(
+        "train",
+        *data_overrides(cifar_root, cache_dir, train=200, test=100),
+        "trainer.epochs=2",
+        "logger=tensorboard",
+        f"hydra.run.dir={run_dir}",
+    )
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    metrics = read_metrics(run_dir)
+    for key in ("train_loss", "test_acc", "lr"):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([m[key] for m in metrics])
+    assert not list(run_dir.glob("wandb/offline-run-*"))  # TensorBoard alone

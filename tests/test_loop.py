@@ -104,9 +104,10 @@ def test_test_flip_averages_each_image_with_its_mirror_image():
     with torch.no_grad():
         plain, averaged = model(images), (model(images) + model(images.flip(3))) / 2
     for flip, logits in ((False, plain), (True, averaged)):
-        loss, predictions, targets = predict(model, loader, CPU, flip=flip)
+        loss, predictions, targets, confidence = predict(model, loader, CPU, flip=flip)
         assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
         assert torch.equal(predictions, logits.argmax(1)) and torch.equal(targets, labels)
+        assert torch.allclose(confidence, logits.softmax(1).max(1).values, rtol=1e-5)
 
 
 def test_batches_are_normalised_by_the_data_set_statistics():

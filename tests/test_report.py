@@ -69,6 +69,13 @@ def test_report_has_one_row_per_run_with_its_numbers(report):
     assert "`experiment=norm_comparison`" in common and "`data.limit_train=300`" in common
 
 
+def test_runs_without_a_logger_still_write_their_per_class_view(sweep):
+    for run in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        view = json.loads((run / "per_class.json").read_text())
+        assert len(view["per_class_accuracy"]) == 10 and view["images"] == 200
+        assert (run / "confusion.png").read_bytes()[:8] == PNG
+
+
 def test_report_writes_the_curves_and_a_grid_per_run(report):
     assert (report / "report.png").read_bytes()[:8] == PNG
     runs = sorted(p for p in report.iterdir() if p.is_dir() and p.name != "wandb")
