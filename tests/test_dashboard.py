@@ -127,7 +127,8 @@ def test_each_run_logs_its_own_model_artifact_with_metadata(seed_sweep):
     for run in sorted(p for p in seed_sweep.iterdir() if p.is_dir()):
         records = wandb_records(run)
         results = json.loads((run / "results.json").read_text())
-        (artifact,) = [r["artifact"] for r in records if r["type"] == "artifact"]
+        artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
+        (artifact,) = [a for a in artifacts if a["type"] == "model"]
         run_id = run_header(records)["run_id"]
         assert artifact["name"] == f"model-{run_id}" and artifact["type"] == "model"
         assert set(artifact["aliases"]) == {"best", "latest"}

@@ -70,7 +70,7 @@ def test_report_has_one_row_per_run_with_its_numbers(report):
 
 
 def test_runs_without_a_logger_still_write_their_per_class_view(sweep):
-    for run in sorted(p for p in sweep.iterdir() if p.is_dir()):
+    for run in sorted(p for p in sweep.iterdir() if (p / "results.json").is_file()):
         view = json.loads((run / "per_class.json").read_text())
         assert len(view["per_class_accuracy"]) == 10 and view["images"] == 200
         assert (run / "confusion.png").read_bytes()[:8] == PNG
