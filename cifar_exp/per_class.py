@@ -72,7 +72,8 @@ class ClassView:
 
     def log(self, run: Any) -> None:
         """Per-class accuracy into the summary, W&B's confusion-matrix panel, and a table of
-        misclassified test images with true class, predicted class and confidence."""
+        misclassified test images with true class, predicted class and confidence; in the
+        run's current history row (not committed: no extra step)."""
         names, p = self.classes, self.predictions
         run.summary.update({f"class_acc/{k}": v for k, v in self.accuracy_by_class.items()})
         table = wandb.Table(columns=["image", "true", "predicted", "confidence"])
@@ -85,5 +86,6 @@ class ClassView:
                     y_true=p.targets.tolist(), preds=p.predicted.tolist(), class_names=list(names)
                 ),
                 "misclassified": table,
-            }
+            },
+            commit=False,
         )
