@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cifar_exp import checkpoint, data
+from cifar_exp import checkpoint, data, tracking
 from cifar_exp.compute import resolve_compute, resolve_device
 from cifar_exp.errors import UserError, exit_on_user_error
-from cifar_exp.loop import predict
+from cifar_exp.loop import Predictions, predict
 from cifar_exp.optim import evaluated_weights
+from cifar_exp.per_class import ClassView
 from cifar_exp.validation import Data, Trainer, checked
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,12 @@ log = logging.getLogger(__name__)
 
 def predict_test_set(
     state: dict, data_settings: Data, device_name: str = "auto", tta: str | None = None
-) -> tuple[data.ImageSet, float, torch.Tensor, torch.Tensor]:
+) -> tuple[data.ImageSet, Predictions]:
     """Run the checkpoint's tested weights (the moving average's, if its run kept one) over
     the test split `data_settings` names, with the test-time views `tta` (None: its training
     run's).
 
-    Returns the test images, the mean loss, and the predicted and true class of every image.
+    Returns the test images and the predictions (loss, predicted and true classes, confidences).
     """
     config = state["config"]
     model = instantiate(config["model"])
@@ -48,39 +49,57 @@ def predict_test_set(
         test_set, batch_size=data_settings.batch_size, shuffle=False, seed=0,
         device=compute.device, num_workers=data_settings.num_workers,
     )  # fmt: skip
-    loss, predictions, targets = predict(compute.prepare(model), loader, compute, trainer.tta)
-    return test_set, loss, predictions, targets
+    return test_set, predict(compute.prepare(model), loader, compute, trainer.tta)
 
 
-def score(cfg: DictConfig) -> dict:
-    """Accuracy of the checkpoint's model on the test split, overall and per class."""
+def class_view(
+    state: dict, data_settings: Data, device_name: str = "auto", tta: str | None = None
+) -> ClassView:
+    """The checkpoint's per-class view of the test split `data_settings` names."""
+    test_set, predictions = predict_test_set(state, data_settings, device_name, tta)
+    return ClassView(test_set, predictions, state["epoch"])
+
+
+def score(cfg: DictConfig) -> tuple[dict, ClassView]:
+    """Accuracy of the checkpoint's model on the test split, overall and per class, and the
+    per-class view it comes from."""
     ckpt_path = Path(cfg.ckpt).expanduser()
     state = checkpoint.load(ckpt_path, option="ckpt")
     data_settings = checked(Data, cfg.data, key="data")
-    test_set, loss, predictions, targets = predict_test_set(
-        state, data_settings, cfg.device, cfg.tta
-    )
-    correct = predictions == targets
-    per_class = {
-        name: correct[targets == i].float().mean().item() for i, name in enumerate(test_set.classes)
-    }
-    return {
-        "accuracy": correct.float().mean().item(),
-        "loss": loss,
-        "per_class_accuracy": per_class,
-        "images": len(targets),
+    view = class_view(state, data_settings, cfg.device, cfg.tta)
+    summary = view.summary()
+    result = {
+        **{k: summary[k] for k in ("accuracy", "loss", "per_class_accuracy", "images", "epoch")},
         "ckpt": str(ckpt_path.resolve()),
-        "epoch": state["epoch"],
+        "ckpt_sha256": hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
+        # the training run's W&B id and tags (its configuration id among them)
+        "trained_by": {
+            "wandb_run_id": state.get("wandb_run_id"),
+            "tags": state.get("wandb_tags", []),
+        },  # fmt: skip
         "data": {"root": str(cfg.data.root), "format": cfg.data.format},
     }
+    return result, view
+
+
+def track(cfg: DictConfig, folder: Path, result: dict, view: ClassView) -> None:
+    """The evaluation as a W&B run of its own (job_type evaluate): the checkpoint's path and
+    hash and its training run in the config, the scores in the summary, the per-class view."""
+    config = {k: result[k] for k in ("ckpt", "ckpt_sha256", "trained_by", "data")}
+    with tracking.start_run(cfg.logger, folder, config, tags=result["trained_by"]["tags"]) as run:
+        run.summary.update({k: result[k] for k in ("accuracy", "loss", "images", "epoch")})
+        view.log(run)
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     with exit_on_user_error():
-        result = score(cfg)
-    out = Path(HydraConfig.get().runtime.output_dir) / "eval.json"
+        result, view = score(cfg)
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    out = folder / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    view.write(folder)
+    track(cfg, folder, result, view)
     lines = [
         f"{name:>12s}  {100 * acc:6.2f}%" for name, acc in result["per_class_accuracy"].items()
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,13 @@ EPOCH_METRICS = (
 VAL_METRICS = ("val_loss", "val_acc")  # added when there is a validation loader
 # The metrics that have a best value: a loss is best lowest, an accuracy highest.
 SCORES = ("train_loss", "train_acc", "test_loss", "test_acc", *VAL_METRICS)
+
+
+def best_is_lowest(metric: str) -> bool:
+    """Whether the best value of a score (or of best_<score>) is its lowest: a loss's."""
+    return metric.endswith("loss")
+
+
 CHECK_EVERY = 20  # steps between loss checks and progress-bar updates (each waits for the GPU)
 # Test-time augmentation (trainer.tta): the views of each test image whose logits are averaged.
 TTA = ("none", "flip", "multi")
@@ -140,6 +147,13 @@ def check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> None
         )
 
 
+class Predictions(NamedTuple):
+    loss: float  # mean cross-entropy
+    predicted: torch.Tensor  # the predicted class of every image
+    targets: torch.Tensor  # its true class
+    confidence: torch.Tensor  # the softmax probability of the predicted class
+
+
 def views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
     """The test-time views of a batch (`tta`, one of TTA): `none` the images; `flip` they and
     their mirror images; `multi` those two, each also shifted by one pixel down and right and
@@ -158,27 +172,32 @@ def views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
 @torch.no_grad()
 def predict(
     forward: nn.Module, loader: Iterable, compute: Compute, tta: str = "none"
-) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the loader, and the predicted and true class of every image.
+) -> Predictions:
+    """Mean cross-entropy over the loader, and the predicted and true class of every image
+    with the confidence of the prediction.
 
     `tta`: each image's logits are the mean of its test-time views' (`views`).
     """
     forward.eval()
-    loss_sum, predictions, targets = 0.0, [], []
+    loss_sum, predictions, targets, confidences = 0.0, [], [], []
     for images, labels in loader:
         images, labels = compute.batch(images, labels)
         with compute.autocast():
             logits = torch.stack([forward(view) for view in views(images, tta)]).mean(0)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        predictions.append(logits.argmax(1))
+        confidence, predicted = logits.float().softmax(1).max(1)
+        predictions.append(predicted)
+        confidences.append(confidence)
         targets.append(labels)
     predictions, targets = torch.cat(predictions).cpu(), torch.cat(targets).cpu()
-    return float(loss_sum) / len(targets), predictions, targets
+    return Predictions(
+        float(loss_sum) / len(targets), predictions, targets, torch.cat(confidences).cpu()
+    )
 
 
 def score(trainee: Trainee, loader: Iterable, tta: str) -> tuple[float, float]:
     """Mean loss and accuracy of the trainee's tested weights on the loader's images."""
-    loss, predictions, targets = predict(trainee.tested, loader, trainee.compute, tta)
+    loss, predictions, targets, _ = predict(trainee.tested, loader, trainee.compute, tta)
     return loss, (predictions == targets).float().mean().item()
 
 

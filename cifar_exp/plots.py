@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,14 +31,23 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def plot_comparison(histories: dict[str, Sequence[dict]], path: Path) -> Path:
-    """Test accuracy and test loss per epoch, one line per run, on shared axes."""
+def plot_comparison(groups: dict[str, Sequence[Sequence[dict]]], path: Path) -> Path:
+    """Test accuracy and test loss per epoch on shared axes, one line per group of runs (a
+    configuration's seeds): their mean over the epochs all of them reached, with a band of
+    one standard deviation when there are several."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, history in histories.items():
-        epochs = [m["epoch"] for m in history]
-        ax_acc.plot(epochs, [100 * m["test_acc"] for m in history], marker="o", label=label)
-        ax_loss.plot(epochs, [m["test_loss"] for m in history], marker="o", label=label)
-    ax_acc.set(title="Test accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for label, histories in groups.items():
+        epochs = min(len(h) for h in histories)
+        x = [m["epoch"] for m in histories[0][:epochs]]
+        for ax, key, scale in ((ax_acc, "test_acc", 100), (ax_loss, "test_loss", 1)):
+            values = scale * np.array([[m[key] for m in h[:epochs]] for h in histories])
+            mean = values.mean(axis=0)
+            (line,) = ax.plot(x, mean, marker="o", label=f"{label} (n={len(histories)})")
+            if len(histories) > 1:
+                std = values.std(axis=0, ddof=1)
+                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax_acc.set(title="Test accuracy (mean, band: ±1 std over seeds)", xlabel="epoch",
+               ylabel="accuracy (%)")  # fmt: skip
     ax_loss.set(title="Test loss", xlabel="epoch", ylabel="cross-entropy")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
@@ -62,6 +72,24 @@ def plot_image_grid(
         ax.set(xticks=[], yticks=[])
         ax.set_xlabel(caption, fontsize=9)  # a label, unlike free text, gets room in the layout
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion: np.ndarray, classes: Sequence[str], title: str, path: Path) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) with its counts."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(confusion, cmap="Blues")
+    ticks = range(len(classes))
+    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    dark = confusion.max() / 2
+    for (i, j), count in np.ndenumerate(confusion):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                color="white" if count > dark else "black")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

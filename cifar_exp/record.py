@@ -5,6 +5,8 @@
                        it, parameters, receptive field, epochs, mean epoch time (every epoch)
     summary.txt        the network's torchinfo table, then the results
     graphs.png         loss and accuracy per epoch
+    per_class.json     the best checkpoint's accuracy per class and confusion matrix (at the end)
+    confusion.png      that confusion matrix
     checkpoints/       last.pt and best.pt every epoch; interrupted.pt on a stop signal
 
 "Best" is decided here alone: the epoch with the best value of `trainer.monitor` (the lowest
@@ -15,6 +17,7 @@ history and rank 0 alone writes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,8 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import checkpoint, interrupt, plots, tracking
-from cifar_exp.loop import SCORES
+from cifar_exp import checkpoint, evaluate, interrupt, plots, resume, tracking
+from cifar_exp.loop import SCORES, best_is_lowest
+from cifar_exp.per_class import ClassView
+from cifar_exp.validation import Data, checked
 
 if TYPE_CHECKING:
     from cifar_exp.builder import Training
@@ -43,8 +48,15 @@ CHECKPOINTS = Path("checkpoints")
 
 def best_epoch(history: list[dict], metric: str) -> dict:
     """The epoch's metrics with the best value of `metric`; the earlier epoch on a tie."""
-    pick = min if metric.endswith("loss") else max
+    pick = min if best_is_lowest(metric) else max
     return pick(history, key=lambda m: m[metric])
+
+
+def configuration_id(config: dict) -> str:
+    """What runs that differ only in seed, or in where and how they run (conf/train.yaml's
+    runtime_keys), share: a stable hash of the config without those keys."""
+    kept = resume.experiment(config, [*config.get("runtime_keys", []), "seed"])
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -86,6 +98,8 @@ class RunFacts:
     receptive_field: int = 0
     config: dict | None = None  # the resolved config, kept in every checkpoint
     classes: tuple[str, ...] = ()
+    configuration_id: str = ""  # shared by the runs that differ only in seed or runtime keys
+    tags: tuple[str, ...] = ()  # the W&B run's tags (kept in checkpoints for a resumed run)
 
 
 class RunRecord:
@@ -121,14 +135,20 @@ class RunRecord:
         """The record of the run that `cfg` configures and `training` built, continuing the
         `resumed` one if given, with its W&B run open for the block (marked failed if the
         block raises)."""
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config_id = configuration_id(config)
+        # A resumed run keeps its tags: this command's Hydra choices are not the run's.
+        tags = resumed.wandb_tags if resumed else tracking.choice_tags()
         facts = RunFacts(
             monitor=settings.trainer.monitor,
             optimized_metric=settings.optimized_metric,
             epochs=settings.trainer.epochs,
             params=training.params,
             receptive_field=training.receptive_field,
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=config,
             classes=training.classes,
+            configuration_id=config_id,
+            tags=(*dict.fromkeys([*tags, f"config:{config_id}"]),),
         )
         done = resumed.epoch if resumed else 0
         history = rewind_metrics(run_dir / METRICS, done, rewrite=writes) if resumed else []
@@ -137,9 +157,17 @@ class RunRecord:
             "%s; %d training and %d test images; run folder %s",
             training.trainee.compute, *training.sizes, run_dir,
         )  # fmt: skip
-        logger_cfg = cfg.logger if writes else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
+        quiet = {"mode": "disabled", "tensorboard": False}  # the ranks that write nothing
+        logger_cfg = cfg.logger if writes else OmegaConf.merge(cfg.logger, quiet)
         run_id = resumed.wandb_run_id if resumed else None
-        with tracking.start_run(logger_cfg, run_dir, facts.config, run_id=run_id) as tracker:
+        with tracking.start_run(
+            logger_cfg,
+            run_dir,
+            {**facts.config, "configuration_id": config_id},
+            run_id=run_id,
+            tags=list(facts.tags),
+        ) as tracker:
+            tracking.define_metrics(tracker, facts.optimized_metric)
             tracker.summary.update(
                 {"params": facts.params, "receptive_field": facts.receptive_field}
             )
@@ -160,7 +188,9 @@ class RunRecord:
             return
         with (self.run_dir / METRICS).open("a") as f:
             f.write(json.dumps(metrics) + "\n")
-        self.tracker.log(metrics, step=metrics["epoch"])
+        results = self.results()
+        swept = f"best_{self.facts.optimized_metric}"  # the W&B sweep files' metric
+        self.tracker.log({**metrics, swept: results[swept]}, step=metrics["epoch"])
         log.info(
             "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.3g  %.1fs",
             metrics["epoch"], self.facts.epochs, metrics["train_loss"], metrics["train_acc"],
@@ -170,7 +200,13 @@ class RunRecord:
         checkpoint.save(state, self.run_dir / CHECKPOINTS / "last.pt")
         if self.best is metrics:
             checkpoint.save(state, self.run_dir / CHECKPOINTS / "best.pt")
-        write_atomically(self.run_dir / RESULTS, json.dumps(self.results(), indent=2) + "\n")
+        self.publish(results)
+
+    def publish(self, results: dict[str, Any]) -> None:
+        """The results so far into results.json and the W&B summary (every epoch, so a run
+        that stops early has its best values in both)."""
+        write_atomically(self.run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+        self.tracker.summary.update(results)
 
     def keep_interrupted(self, trainee: Trainee, stop: interrupt.Interrupted) -> None:
         """The weights when a stop signal came mid-epoch, for a look; resuming restarts that
@@ -193,7 +229,7 @@ class RunRecord:
             best.update(best_epoch=self.best["epoch"], best_value=self.best[self.facts.monitor])
         return checkpoint.capture(
             trainee, **position, config=self.facts.config, classes=list(self.facts.classes),
-            wandb_run_id=self.tracker.id, monitor=best,
+            wandb_run_id=self.tracker.id, wandb_tags=list(self.facts.tags), monitor=best,
         )  # fmt: skip
 
     def results(self) -> dict[str, Any]:
@@ -209,17 +245,28 @@ class RunRecord:
             "receptive_field": self.facts.receptive_field,
             "mean_epoch_seconds": statistics.fmean(m["epoch_seconds"] for m in self.history),
             "optimized_metric": self.facts.optimized_metric,
+            "configuration_id": self.facts.configuration_id,
         }
+
+    def class_view(self) -> ClassView:
+        """The best checkpoint's per-class view of the run's test set."""
+        state = checkpoint.load(self.run_dir / CHECKPOINTS / "best.pt")
+        data_settings = checked(Data, state["config"]["data"], key="data")
+        return evaluate.class_view(state, data_settings, state["config"]["trainer"]["device"])
 
     def finish(self) -> dict[str, Any]:
         """The results, written to results.json, summary.txt and the W&B summary, with the
-        curves and the best checkpoint as a W&B artifact."""
+        curves, the best checkpoint's per-class view (per_class.json, confusion.png, W&B
+        panels) and the best checkpoint as a W&B artifact."""
         results = self.results()
         if self.writes:
-            write_atomically(self.run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+            self.publish(results)
             with (self.run_dir / SUMMARY).open("a") as f:
                 f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
             graphs = plots.plot_curves(self.history, self.run_dir / GRAPHS)
+            view = self.class_view()
+            view.write(self.run_dir)
+            view.log(self.tracker)
             tracking.log_results(
                 self.tracker, results, graphs, self.run_dir / CHECKPOINTS / "best.pt"
             )

@@ -3,8 +3,11 @@
 Reads every run's results.json, metrics.jsonl and .hydra/ config (a run folder is one holding
 them; a sweep folder holds run folders) and writes, into the output folder:
   report.md   one row per run: the overrides that define it, parameters, receptive field,
-              best and final test accuracy, epochs, mean epoch time; then the figures;
-  report.png  test accuracy and test loss per epoch, all runs on shared axes;
+              best and final test accuracy, epochs, mean epoch time; then one row per
+              configuration id (runs differing only in seed pooled: n, mean ± std, range,
+              95% CI) and Welch's t-test for each pair of configurations; then the figures;
+  report.png  test accuracy and test loss per epoch, the mean of each configuration's runs
+              with a ±1 std band, on shared axes;
 and into each run folder misclassified.png, test images its best checkpoint gets wrong.
 The output folder is the one folder given, the common parent of several, or --out.
 """
@@ -22,9 +25,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import checkpoint, data, evaluate, plots, tracking
+from cifar_exp import aggregate, checkpoint, data, evaluate, plots, tracking
 from cifar_exp.errors import UserError, exit_on_user_error
-from cifar_exp.record import METRICS, RESULTS
+from cifar_exp.record import METRICS, RESULTS, configuration_id
 from cifar_exp.validation import Data, checked
 
 log = logging.getLogger("cifar_exp.report")
@@ -40,11 +43,33 @@ class Run:
     label: str = ""  # the overrides that tell it apart from the other runs
     grid: Path | None = None  # its misclassified.png, once drawn
 
+    @property
+    def configuration(self) -> str:
+        """Its configuration id (shared with the runs that differ only in seed or runtime
+        keys); for a run written before results.json kept one, computed from its config."""
+        return self.results.get("configuration_id") or configuration_id(
+            OmegaConf.to_container(self.config, resolve=True)
+        )
+
 
 @dataclass
 class Comparison:
     runs: list[Run]
     common: list[str] = field(default_factory=list)  # overrides every run shares
+
+    @property
+    def configurations(self) -> dict[str, list[Run]]:
+        """The runs by configuration id, in the order of their first run."""
+        groups: dict[str, list[Run]] = {}
+        for run in self.runs:
+            groups.setdefault(run.configuration, []).append(run)
+        return groups
+
+    def configuration_label(self, runs: list[Run]) -> str:
+        """The overrides all of a configuration's runs share, less the common ones and seed."""
+        shared = set.intersection(*(set(r.overrides) for r in runs)) - set(self.common)
+        own = sorted(o for o in shared if o.split("=", 1)[0].lstrip("+~") != "seed")
+        return " ".join(own) or "(no overrides)"
 
 
 def defining_overrides(run_dir: Path, config: DictConfig) -> list[str]:
@@ -104,7 +129,8 @@ def summarize(run: Run) -> dict[str, Any]:
     """The table row of a run, from its results.json."""
     keys = ("best_test_acc", "best_epoch", "final_test_acc", "epochs", "params",
             "receptive_field", "mean_epoch_seconds", "monitor")  # fmt: skip
-    return {"run": run.label, **{key: run.results[key] for key in keys}}
+    return {"run": run.label, **{key: run.results[key] for key in keys},
+            "configuration_id": run.configuration}  # fmt: skip
 
 
 def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> Path | None:
@@ -118,7 +144,7 @@ def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> 
     data_settings = checked(Data, run.config.data, key="data")
     limit = data_settings.limit_test
     data_settings.limit_test = eval_images if limit is None else min(limit, eval_images)
-    test_set, _, predictions, targets = evaluate.predict_test_set(state, data_settings, device)
+    test_set, (_, predictions, targets, _) = evaluate.predict_test_set(state, data_settings, device)
     all_wrong = (predictions != targets).nonzero().flatten().numpy()
     # Balanced over the true classes: folder-format test sets list the images class by class.
     wrong = all_wrong[data.balanced_subset(targets[all_wrong].numpy(), images)].tolist()
@@ -156,11 +182,75 @@ def markdown(comparison: Comparison, rows: list[dict], out: Path) -> str:
             f"| {100 * row['final_test_acc']:.2f}% | {row['epochs']} "
             f"| {row['mean_epoch_seconds']:.1f} |"
         )
+    lines += ["", *by_configuration(comparison)]
     lines += ["", "![test accuracy and loss per epoch](report.png)", ""]
     for i, run in enumerate(comparison.runs):
         if run.grid:
             lines += [f"## {i}: {run.label}", "", f"![misclassified]({link(run.grid)})", ""]
     return "\n".join(lines)
+
+
+AGGREGATED = ("best_test_acc", "final_test_acc")
+
+
+def percent(value: float) -> str:
+    return "–" if value != value else f"{100 * value:.2f}"  # NaN: undefined for one run
+
+
+def spread_cells(spread: aggregate.Spread) -> str:
+    return (
+        f"{percent(spread.mean)} ± {percent(spread.std)} | {percent(spread.low)}–"
+        f"{percent(spread.high)} | {percent(spread.ci[0])}–{percent(spread.ci[1])}"
+    )
+
+
+def by_configuration(comparison: Comparison) -> list[str]:
+    """report.md's section on the runs grouped by configuration id: n, mean ± std, range and
+    95% confidence interval of best and final test accuracy (%), then every pair of
+    configurations with its difference and Welch's t-test."""
+    groups = comparison.configurations
+    spreads = {
+        metric: {
+            config: aggregate.Spread.of([r.results[metric] for r in runs])
+            for config, runs in groups.items()
+        }
+        for metric in AGGREGATED
+    }
+    ci = f"{100 * aggregate.CONFIDENCE:.0f}% CI"
+    lines = [
+        "## By configuration",
+        "",
+        "Runs that differ only in seed (or where and how they ran) share a configuration id. "
+        "Accuracies in %: mean ± sample std, min–max, and the "
+        f"{ci} of the mean (Student's t).",
+        "",
+        "| configuration | overrides | n | best test acc | min–max | " + ci
+        + " | final test acc | min–max | " + ci + " |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for config, runs in groups.items():
+        cells = " | ".join(spread_cells(spreads[m][config]) for m in AGGREGATED)
+        label = comparison.configuration_label(runs)
+        lines.append(f"| `{config}` | {label} | {len(runs)} | {cells} |")
+    if len(groups) < 2:
+        return lines
+    lines += [
+        "",
+        f"Differences ({aggregate.TEST}; larger than the noise: p < {aggregate.SIGNIFICANCE}; "
+        "–: fewer than two runs on a side):",
+        "",
+        "| metric | configuration a | configuration b | a − b (points) | p | larger than noise |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    verdict = {True: "yes", False: "no", None: "–"}
+    for metric in AGGREGATED:
+        for diff in aggregate.differences(spreads[metric]):
+            p = "–" if diff.p_value != diff.p_value else f"{diff.p_value:.3g}"
+            lines.append(
+                f"| {metric} | `{diff.a}` | `{diff.b}` | {100 * diff.delta:+.2f} | {p} "
+                f"| {verdict[diff.significant]} |"
+            )
+    return lines
 
 
 def log_to_wandb(rows: list[dict], curves: Path, out: Path, mode: str, project: str) -> None:
@@ -196,7 +286,13 @@ def report(args: argparse.Namespace) -> Path:
         for run in comparison.runs:
             run.grid = draw_misclassified(run, args.images, args.eval_images, args.device)
     curves = plots.plot_comparison(
-        {run.label: run.metrics for run in comparison.runs}, out / "report.png"
+        {
+            comparison.configuration_label(runs) if len(runs) > 1 else runs[0].label: [
+                run.metrics for run in runs
+            ]
+            for runs in comparison.configurations.values()
+        },
+        out / "report.png",
     )
     (out / "report.md").write_text(markdown(comparison, rows, out) + "\n")
     if args.wandb != "off":

@@ -130,6 +130,10 @@ class Resumed:
     def wandb_run_id(self) -> str | None:
         return self.state.get("wandb_run_id")
 
+    @property
+    def wandb_tags(self) -> list[str]:
+        return self.state.get("wandb_tags", [])
+
     def restore_model(self, model: nn.Module) -> None:
         """The weights, into the model on its device; or why they do not fit it."""
         try:

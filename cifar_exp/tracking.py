@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,10 @@ import wandb
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from cifar_exp.loop import SCORES, best_is_lowest
 
 
 def keep_files_in(folder: Path) -> None:
@@ -28,9 +32,31 @@ def keep_files_in(folder: Path) -> None:
     wandb_dir.mkdir(parents=True, exist_ok=True)
 
 
+# Config groups whose choice (from the command line or a preset) tags a run.
+TAGGED_CHOICES = {"experiment": "experiment", "model": "model", "model/norm": "norm",
+                  "augment": "augment"}  # fmt: skip
+
+
+def choice_tags() -> list[str]:
+    """Tags from this Hydra job's choices (experiment preset, model, norm, augmentation) and
+    its search study, e.g. norm:group, study:cifar_exp."""
+    hydra_cfg = HydraConfig.get()
+    choices = hydra_cfg.runtime.choices
+    tags = [
+        f"{tag}:{choices[group]}" for group, tag in TAGGED_CHOICES.items() if choices.get(group)
+    ]
+    if choices.get("hparams_search"):
+        tags.append(f"study:{hydra_cfg.sweeper.study_name}")
+    return tags
+
+
 @contextlib.contextmanager
 def start_run(
-    logger_cfg: DictConfig, run_dir: Path, config: dict[str, Any], run_id: str | None = None
+    logger_cfg: DictConfig,
+    run_dir: Path,
+    config: dict[str, Any],
+    run_id: str | None = None,
+    tags: list[str] | None = None,
 ) -> Iterator[Any]:
     """The W&B run of this Hydra job (offline, online or disabled, as configured).
 
@@ -38,9 +64,11 @@ def start_run(
     data, artifact staging and settings folders go under run_dir/wandb, not the home folder.
     With `run_id` (a resumed run) the same W&B run continues. The run finishes when the block
     ends, with the exit code of an error or stop signal that ends it (W&B's own context
-    manager would print a traceback for it).
+    manager would print a traceback for it). `tags` join the logger's own.
     """
     keep_files_in(run_dir)
+    tensorboard = logger_cfg.get("tensorboard", False)
+    logger_cfg = OmegaConf.masked_copy(logger_cfg, [k for k in logger_cfg if k != "tensorboard"])
     hydra_cfg = HydraConfig.get()
     name = logger_cfg.get("name") or hydra_cfg.job.override_dirname or None
     group = logger_cfg.get("group")
@@ -54,23 +82,72 @@ def start_run(
         config=config,
         name=name,
         group=group,
+        tags=[*logger_cfg.get("tags", []), *(tags or [])],
         reinit="finish_previous",  # one run per job, even inside a multirun process
         **resume,
     )
+    writer = SummaryWriter(str(run_dir / TENSORBOARD)) if tensorboard else None
     try:
-        yield run
+        yield TensorBoardMirror(run, writer) if writer else run
     except BaseException as err:
         code = err.code if isinstance(err, SystemExit) else getattr(err, "exit_code", 1)
         run.finish(exit_code=code if isinstance(code, int) else 1)
         raise
+    finally:
+        if writer:
+            writer.close()
     run.finish()
 
 
+TENSORBOARD = "tensorboard"  # the event files' folder in the run folder
+
+
+class TensorBoardMirror:
+    """The W&B run, with every number logged at a step also written as a TensorBoard scalar
+    (logger.tensorboard=true; logger=tensorboard is that without W&B)."""
+
+    def __init__(self, run: Any, writer: Any) -> None:
+        self.run, self.writer = run, writer
+
+    def log(self, data: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        if step is not None:
+            for key, value in data.items():
+                if isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        self.run.log(data, step=step, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.run, name)
+
+
+def define_metrics(run: Any, optimized_metric: str) -> None:
+    """Epoch metrics are plotted against `epoch`; the summary keeps each score's best value
+    (highest accuracy, lowest loss), so a run that stops early still shows it.
+
+    best_<optimized_metric> is the metric the W&B sweep files optimise: it is logged every
+    epoch (see RunRecord.end_epoch) and its summary is its latest value, the best epoch's so
+    far. (W&B 0.31's define_metric has no `goal`; the sweep file states it.)
+    """
+    run.define_metric("epoch")
+    run.define_metric("*", step_metric="epoch")
+    for name in SCORES:
+        run.define_metric(name, summary="min" if best_is_lowest(name) else "max")
+    run.define_metric(f"best_{optimized_metric}", step_metric="epoch", summary="last")
+
+
+# The results that describe a model artifact (its metadata), beside any best_* accuracy.
+ARTIFACT_FACTS = ("best_epoch", "final_test_acc", "epochs", "params", "receptive_field",
+                  "configuration_id", "monitor")  # fmt: skip
+
+
 def log_results(run: Any, results: dict[str, Any], graphs: Path, checkpoint: Path) -> None:
-    """The results into the run's summary, the curves as an image, and the checkpoint as a
-    W&B model artifact."""
-    run.summary.update(results)
+    """The curves as an image, and the checkpoint as the run's own model artifact,
+    model-<run id> (aliases best and latest), described by the run's accuracies, epoch,
+    parameters, receptive field and configuration id."""
     run.log({"graphs": wandb.Image(str(graphs))})
-    artifact = wandb.Artifact("model", type="model")
+    described = [k for k in results if k in ARTIFACT_FACTS or re.fullmatch(r"best_\w+_acc", k)]
+    metadata = {k: results[k] for k in described}
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=metadata)
     artifact.add_file(str(checkpoint))
-    run.log_artifact(artifact, aliases=["best"])
+    run.log_artifact(artifact, aliases=["best", "latest"])

@@ -93,6 +93,25 @@ def data_overrides(root: Path, cache: Path, train: int, test: int) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="session")
+def seed_sweep(cifar_root, cache_dir, tmp_path_factory) -> Path:
+    """The README's `-m experiment=norm_comparison seed=0,1,2` at toy scale: 2 norms x 3
+    seeds, 2 epochs of batches of 16 on 200 training and 100 test images each (6 runs)."""
+    sweep_dir = tmp_path_factory.mktemp("seeds") / "sweep"
+    run_cli(
+        "train",
+        "-m",
+        "experiment=norm_comparison",
+        "model/norm=batch,group",
+        "seed=0,1,2",
+        *data_overrides(cifar_root, cache_dir, train=200, test=100),
+        "data.batch_size=16",  # steps enough to leave chance, and the seeds apart
+        "trainer.epochs=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    return sweep_dir
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -164,6 +183,7 @@ class RecordingTracker:
 
     def __init__(self):
         self.logged = []
+        self.summary = {}
 
     def log(self, metrics, step):
         self.logged.append((step, metrics))

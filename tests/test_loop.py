@@ -117,9 +117,10 @@ def test_tta_averages_the_logits_of_the_stated_views():
         }
     assert not torch.allclose(expected["flip"], expected["multi"])
     for tta, logits in expected.items():
-        loss, predictions, targets = predict(model, loader, CPU, tta=tta)
+        loss, predictions, targets, confidence = predict(model, loader, CPU, tta=tta)
         assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
         assert torch.equal(predictions, logits.argmax(1)) and torch.equal(targets, labels)
+        assert torch.allclose(confidence, logits.softmax(1).max(1).values, rtol=1e-5)
 
 
 def test_old_test_flip_key_means_tta_flip():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 from conftest import data_overrides, read_metrics, run_cli, wandb_records
+from scipy import stats
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NORMS = ["batch", "group", "layer"]
@@ -66,6 +69,13 @@ def test_report_has_one_row_per_run_with_its_numbers(report):
     assert "`experiment=norm_comparison`" in common and "`data.limit_train=300`" in common
 
 
+def test_runs_without_a_logger_still_write_their_per_class_view(sweep):
+    for run in sorted(p for p in sweep.iterdir() if (p / "results.json").is_file()):
+        view = json.loads((run / "per_class.json").read_text())
+        assert len(view["per_class_accuracy"]) == 10 and view["images"] == 200
+        assert (run / "confusion.png").read_bytes()[:8] == PNG
+
+
 def test_report_writes_the_curves_and_a_grid_per_run(report):
     assert (report / "report.png").read_bytes()[:8] == PNG
     runs = sorted(p for p in report.iterdir() if p.is_dir() and p.name != "wandb")
@@ -106,3 +116,44 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
     assert f"No runs in {tmp_path / 'empty'}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "empty" / "report.md").exists()
+
+
+def section_rows(report_md: str, heading: str) -> list[list[str]]:
+    """The data rows of the first table after `heading`."""
+    after = report_md.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(after) if line.startswith("|---"))
+    rows = itertools.takewhile(lambda line: line.startswith("|"), after[start + 1 :])
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in rows]
+
+
+def test_report_aggregates_seeds_by_configuration_with_cis_and_welch(seed_sweep, tmp_path):
+    run_cli("report", str(seed_sweep), "--images", "0", "--out", str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    runs = [p for p in seed_sweep.iterdir() if (p / "results.json").is_file()]
+    results = [json.loads((p / "results.json").read_text()) for p in runs]
+    by_id: dict[str, list[dict]] = {}
+    for r in results:
+        by_id.setdefault(r["configuration_id"], []).append(r)
+    rows = section_rows(text, "## By configuration")
+    assert len(rows) == 2 == len(by_id)  # one row per configuration, not per run
+    assert sorted(row[1] for row in rows) == ["model/norm=batch", "model/norm=group"]
+    t975 = 4.302652729911275  # Student's t, 97.5th percentile, 2 degrees of freedom
+    for row in rows:
+        group = by_id[row[0].strip("`")]
+        assert row[2] == "3"
+        for first, key in ((3, "best_test_acc"), (6, "final_test_acc")):
+            values = np.array([100 * r[key] for r in group])
+            mean, std = values.mean(), values.std(ddof=1)
+            assert row[first] == f"{mean:.2f} ± {std:.2f}"
+            assert row[first + 1] == f"{values.min():.2f}–{values.max():.2f}"
+            half = t975 * std / np.sqrt(3)
+            assert row[first + 2] == f"{mean - half:.2f}–{mean + half:.2f}"
+    assert "Welch's t-test (scipy.stats.ttest_ind, equal_var=False)" in text
+    diffs = section_rows(text, "Differences (")
+    assert [d[0] for d in diffs] == ["best_test_acc", "final_test_acc"]
+    for diff in diffs:
+        a, b = (by_id[cell.strip("`")] for cell in diff[1:3])
+        p = stats.ttest_ind([r[diff[0]] for r in a], [r[diff[0]] for r in b], equal_var=False)
+        assert diff[4] == f"{p.pvalue:.3g}"
+        assert diff[5] == ("yes" if p.pvalue < 0.05 else "no")
+    assert (tmp_path / "report.png").read_bytes()[:8] == PNG

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -87,9 +88,8 @@ def test_wandb_offline_run_reads_back_with_the_logged_metrics(smoke_run):
     assert summary["final_test_acc"] == pytest.approx(metrics[-1]["test_acc"])
 
     artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
-    assert [(a["type"], a["manifest"]["contents"][0]["path"]) for a in artifacts] == [
-        ("model", "best.pt")
-    ]
+    models = [a for a in artifacts if a["type"] == "model"]  # the others: W&B's table files
+    assert [a["manifest"]["contents"][0]["path"] for a in models] == ["best.pt"]
 
 
 def test_evaluate_cli_scores_the_best_checkpoint(smoke_run, cifar_root, cache_dir, tmp_path):
@@ -105,6 +105,31 @@ def test_evaluate_cli_scores_the_best_checkpoint(smoke_run, cifar_root, cache_di
     assert result["images"] == 1000
     assert set(result["per_class_accuracy"]) >= {"airplane", "truck"}
     assert "airplane" in proc.stdout + proc.stderr  # the per-class table is printed
+    assert (tmp_path / "per_class.json").is_file() and (tmp_path / "confusion.png").is_file()
+
+
+def test_evaluate_makes_its_own_wandb_run_with_the_checkpoint_hash(
+    smoke_run, cifar_root, cache_dir, tmp_path
+):
+    ckpt = smoke_run / "checkpoints" / "best.pt"
+    data = data_overrides(cifar_root, cache_dir, train=10, test=200)[:5]
+    run_cli("evaluate", f"ckpt={ckpt}", *data, f"hydra.run.dir={tmp_path}")
+    records = wandb_records(tmp_path)
+    header = next(r["run"] for r in records if r["type"] == "run")
+    trained = next(r["run"] for r in wandb_records(smoke_run) if r["type"] == "run")
+    assert header["job_type"] == "evaluate" and trained["job_type"] == "train"
+    config = header["config"]["update"]
+    assert config["ckpt"] == str(ckpt.resolve())
+    assert config["ckpt_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert config["trained_by"]["wandb_run_id"] == trained["run_id"]
+    assert header["tags"] == trained["tags"]  # the training run's, its configuration id among them
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"]["update"])
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert summary["accuracy"] == pytest.approx(result["accuracy"])
+    assert "class_acc/truck" in summary
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +189,12 @@ def test_evaluate_flips_as_the_checkpoints_run_did_unless_told(smoke_run, cifar_
     checkpoint = load(smoke_run / "checkpoints" / "best.pt", option="ckpt")
     data_cfg = compose_train(*data_overrides(cifar_root, cache_dir, train=10, test=200)).data
     data_settings = checked(Data, data_cfg)
-    _, plain_loss, *_ = predict_test_set(checkpoint, data_settings)  # tested without flips
-    _, flipped_loss, *_ = predict_test_set(checkpoint, data_settings, tta="flip")
+    plain_loss = predict_test_set(checkpoint, data_settings)[1].loss  # tested without flips
+    flipped_loss = predict_test_set(checkpoint, data_settings, tta="flip")[1].loss
     checkpoint["config"]["trainer"]["test_flip"] = True
-    _, default_loss, *_ = predict_test_set(checkpoint, data_settings)
+    default_loss = predict_test_set(checkpoint, data_settings)[1].loss
     assert default_loss == flipped_loss != plain_loss
-    assert predict_test_set(checkpoint, data_settings, tta="none")[1] == plain_loss
+    assert predict_test_set(checkpoint, data_settings, tta="none")[1].loss == plain_loss
 
 
 def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):

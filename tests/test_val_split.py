@@ -56,7 +56,7 @@ def test_fit_records_validation_metrics(tmp_path):
     (metrics,) = record.history
     assert tuple(metrics) == EPOCH_METRICS + VAL_METRICS
     assert read_metrics(tmp_path) == record.history
-    val_loss, predictions, targets = predict(trainee.model, val_loader, CPU)
+    val_loss, predictions, targets, _ = predict(trainee.model, val_loader, CPU)
     assert metrics["val_loss"] == pytest.approx(val_loss)
     assert metrics["val_acc"] == pytest.approx((predictions == targets).float().mean().item())
 
