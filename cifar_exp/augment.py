@@ -12,18 +12,19 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
-from albumentations.pytorch import ToTensorV2
 
 from cifar_exp import distributed
 from cifar_exp.data import ImageSet
 from cifar_exp.errors import UserError
 from cifar_exp.loaders import TensorLoader, WorkerLoader
+
+if TYPE_CHECKING:  # imported when a Pipeline is built: only augment=s9 pays for albumentations
+    import albumentations as A
 
 
 class Augmentation(ABC):
@@ -78,6 +79,9 @@ class Pipeline(Augmentation):
         before_normalize: Sequence[A.BasicTransform] = (),
         after_normalize: Sequence[A.BasicTransform] = (),
     ) -> None:
+        import albumentations as A
+        from albumentations.pytorch import ToTensorV2
+
         self.mean, self.std = tuple(mean), tuple(std)
         self.compose = A.Compose(
             [
