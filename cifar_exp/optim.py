@@ -161,12 +161,18 @@ class MuonForFilters(torch.optim.Optimizer):
             others = [p for p in group["params"] if p.ndim < 2]
             if others:
                 rest_groups.append({**group, "params": others})
-        self.muon = torch.optim.Muon(muon_params, **(filters or {}))
-        self.rest = rest(rest_groups, lr=lr, weight_decay=weight_decay, **rest_options)
+        # Either may have nothing to train (a network without norm layers or biases).
+        self.muon = torch.optim.Muon(muon_params, **(filters or {})) if muon_params else None
+        self.rest = (
+            rest(rest_groups, lr=lr, weight_decay=weight_decay, **rest_options)
+            if rest_groups
+            else None
+        )
+        self.parts = [part for part in (self.muon, self.rest) if part is not None]
         # Not Optimizer.__init__: the parameters belong to the two optimizers, whose groups
         # and state these are.
         self.defaults = {"lr": lr, "weight_decay": weight_decay}
-        self.param_groups = self.muon.param_groups + self.rest.param_groups
+        self.param_groups = [group for part in self.parts for group in part.param_groups]
         self.state = {}
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
         self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
@@ -177,19 +183,24 @@ class MuonForFilters(torch.optim.Optimizer):
     def step(self, closure: None = None) -> None:
         for matrix, filters in self.matrices:
             matrix.grad = None if filters.grad is None else as_matrix(filters.grad)
-        self.muon.step()
-        self.rest.step()
+        for part in self.parts:
+            part.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for matrix, filters in self.matrices:
             matrix.grad = None
             if filters.grad is not None:
                 filters.grad = None if set_to_none else filters.grad.zero_()
-        self.rest.zero_grad(set_to_none)
+        if self.rest is not None:
+            self.rest.zero_grad(set_to_none)
 
     def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "rest": self.rest.state_dict()}
+        return {
+            name: part.state_dict() if part is not None else None
+            for name, part in (("muon", self.muon), ("rest", self.rest))
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.rest.load_state_dict(state["rest"])
+        for name, part in (("muon", self.muon), ("rest", self.rest)):
+            if part is not None:
+                part.load_state_dict(state[name])
