@@ -179,14 +179,17 @@ def load_split(
     return load_folder(root_path, split, limit, Path(cache_dir).expanduser() if cache_dir else None)
 
 
+def read(settings: Data, split: str) -> ImageSet:
+    """The split named by the `data` settings, subset by its limit_<split>, read by this
+    process alone (evaluate; a DDP run's rank 0 at its end, when the others are done)."""
+    limit = settings.limit_train if split == "train" else settings.limit_test
+    return load_split(settings.root, settings.format, split, limit, settings.cache_dir)
+
+
 def load(settings: Data, split: str) -> ImageSet:
-    """The split named by the `data` settings, subset by its limit_<split>.
+    """The split named by the `data` settings (`read`), by every rank of a run.
 
     Under DDP rank 0 loads first (downloading or decoding into the cache) while the others
     wait, then they read what it left: no two processes write the same files at once.
     """
-    limit = settings.limit_train if split == "train" else settings.limit_test
-    return distributed.main_first(
-        lambda: load_split(settings.root, settings.format, split, limit, settings.cache_dir),
-        f"load the {split} images",
-    )
+    return distributed.main_first(lambda: read(settings, split), f"load the {split} images")

@@ -40,7 +40,8 @@ def predict_test_set(
     chosen = {"tta": tta, "test_flip": None} if tta is not None else {}  # over the old key too
     trainer = checked(Trainer, {**config["trainer"], "compile": False, **chosen}, key="trainer")
     compute = resolve_compute(resolve_device(device_name), trainer)
-    test_set = data.load(data_settings, "test")
+    # Read by this process alone: at the end of a DDP run only rank 0 scores its best epoch.
+    test_set = data.read(data_settings, "test")
     if test_set.classes != tuple(state["classes"]):
         raise UserError(
             f"test classes {test_set.classes} differ from the model's {tuple(state['classes'])}"
