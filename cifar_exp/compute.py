@@ -118,16 +118,17 @@ class Compute:
             enabled=self.autocast_dtype is not None,
         )
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, alone: bool = False) -> nn.Module:
         """Swap in the chosen stand-in layers and move the model to the device and layout, in
-        place; returns what to call (in DDP when several processes train, compiled or not).
+        place; returns what to call (in DDP when several processes train, unless this process
+        runs it `alone`; compiled or not).
 
         Both share their parameters with `model`, whose state_dict stays the one to save.
         Where torch.compile cannot build kernels, the model runs uncompiled, with one warning.
         """
         fast_layers.swap_in(model, convs=self.subsampled_convs, dropout=self.packed_dropout)
         model.to(self.device, memory_format=self.memory_format)
-        forward = distributed.wrap(model, self.device)
+        forward = model if alone else distributed.wrap(model, self.device)
         if not self.compile:
             return forward
         failure = compile_failure(self.device.type)

@@ -40,7 +40,7 @@ def predict_test_set(
     chosen = {"tta": tta, "test_flip": None} if tta is not None else {}  # over the old key too
     trainer = checked(Trainer, {**config["trainer"], "compile": False, **chosen}, key="trainer")
     compute = resolve_compute(resolve_device(device_name), trainer)
-    # Read by this process alone: at the end of a DDP run only rank 0 scores its best epoch.
+    # This process alone (no collectives): at a DDP run's end only rank 0 scores its best epoch.
     test_set = data.read(data_settings, "test")
     if test_set.classes != tuple(state["classes"]):
         raise UserError(
@@ -50,7 +50,7 @@ def predict_test_set(
         test_set, batch_size=data_settings.batch_size, shuffle=False, seed=0,
         device=compute.device, num_workers=data_settings.num_workers,
     )  # fmt: skip
-    return test_set, predict(compute.prepare(model), loader, compute, trainer.tta)
+    return test_set, predict(compute.prepare(model, alone=True), loader, compute, trainer.tta)
 
 
 def class_view(
