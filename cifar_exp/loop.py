@@ -268,10 +268,13 @@ def fit(trainee: Trainee, loaders: Loaders, options: LoopOptions, record: RunRec
     Under DDP every rank trains on its share of each batch and tests on the whole test set;
     the training metrics are summed over the ranks. A NaN or infinite loss raises
     TrainingDiverged before its step is kept; a stop signal (see `interrupt`) raises
-    Interrupted after a finished step, once the record has kept the weights so far.
+    Interrupted after a finished step, once the record has kept the weights so far. The
+    record also says when the run stops early (trainer.early_stopping).
     """
     try:
         for epoch in range(record.next_epoch, options.epochs + 1):
+            if record.stops_early:  # trainer.early_stopping, decided with the best epoch
+                break
             loaders.train.seed_epoch(options.seed, epoch)
             start = time.perf_counter()
             lr = trainee.optimizer.param_groups[0]["lr"]

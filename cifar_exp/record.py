@@ -10,8 +10,9 @@
     checkpoints/       last.pt and best.pt every epoch; interrupted.pt on a stop signal
 
 "Best" is decided here alone: the epoch with the best value of `trainer.monitor` (the lowest
-loss or the highest accuracy; the earlier epoch on a tie). Under DDP every rank keeps the
-history and rank 0 alone writes.
+loss or the highest accuracy; the earlier epoch on a tie), and with it whether the run stops
+early (`trainer.early_stopping.patience` epochs after the best one). Under DDP every rank keeps
+the history and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class RunFacts:
     classes: tuple[str, ...] = ()
     configuration_id: str = ""  # shared by the runs that differ only in seed or runtime keys
     tags: tuple[str, ...] = ()  # the W&B run's tags (kept in checkpoints for a resumed run)
+    patience: int | None = None  # epochs after the best one before the run stops; None: never
 
 
 class RunRecord:
@@ -149,6 +151,7 @@ class RunRecord:
             classes=training.classes,
             configuration_id=config_id,
             tags=(*dict.fromkeys([*tags, f"config:{config_id}"]),),
+            patience=settings.trainer.early_stopping.patience,
         )
         done = resumed.epoch if resumed else 0
         history = rewind_metrics(run_dir / METRICS, done, rewrite=writes) if resumed else []
@@ -180,6 +183,15 @@ class RunRecord:
     def best(self) -> dict:
         return best_epoch(self.history, self.facts.monitor)
 
+    @property
+    def stops_early(self) -> bool:
+        """Whether the run is over before its last epoch: `patience` epochs have passed since
+        the best one."""
+        patience = self.facts.patience
+        return bool(patience and self.history) and (
+            self.history[-1]["epoch"] - self.best["epoch"] >= patience
+        )
+
     def end_epoch(self, metrics: dict, trainee: Trainee) -> None:
         """Keep a finished epoch: its metrics line, its log, last.pt, and best.pt if it is the
         best epoch so far."""
@@ -201,6 +213,13 @@ class RunRecord:
         if self.best is metrics:
             checkpoint.save(state, self.run_dir / CHECKPOINTS / "best.pt")
         self.publish(results)
+        if self.stops_early:
+            log.info(
+                "Stopping early: %s has not improved for %d epochs since epoch %d "
+                "(trainer.early_stopping.patience=%d)",
+                self.facts.monitor, metrics["epoch"] - self.best["epoch"], self.best["epoch"],
+                self.facts.patience,
+            )  # fmt: skip
 
     def publish(self, results: dict[str, Any]) -> None:
         """The results so far into results.json and the W&B summary (every epoch, so a run
@@ -241,6 +260,7 @@ class RunRecord:
             "final_test_acc": last["test_acc"],
             "final_train_acc": last["train_acc"],
             "epochs": last["epoch"],
+            "stopped_early": self.stops_early,
             "params": self.facts.params,
             "receptive_field": self.facts.receptive_field,
             "mean_epoch_seconds": statistics.fmean(m["epoch_seconds"] for m in self.history),

@@ -204,3 +204,26 @@ def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):
     assert "no such checkpoint file" in proc.stderr + proc.stdout
     assert not (tmp_path / "eval.json").exists()
     assert "Traceback" not in proc.stderr
+
+
+def test_early_stopping_ends_the_run_patience_epochs_after_the_best(
+    cifar_root, cache_dir, tmp_path
+):
+    """The learning rate is 0 after epoch 1 (StepLR, gamma 0) and GroupNorm keeps no running
+    statistics, so epoch 2 scores exactly as epoch 1: no improvement (the earlier epoch wins a
+    tie), and patience 1 stops the run after epoch 2 of 5."""
+    run_cli(
+        "train", *data_overrides(cifar_root, cache_dir, train=100, test=100),
+        "model/norm=group", "scheduler.lr_scheduler.step_size=1", "scheduler.lr_scheduler.gamma=0",
+        "trainer.epochs=5", "trainer.early_stopping.patience=1", "trainer.device=cpu",
+        "logger=none", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    first, second = read_metrics(tmp_path)
+    assert second["lr"] == 0 and second["test_acc"] == first["test_acc"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stopped_early"] is True and results["epochs"] == 2
+    assert results["best_epoch"] == 1
+    assert (
+        "Stopping early: test_acc has not improved for 1 epochs since epoch 1"
+        in (tmp_path / "train.log").read_text()
+    )
