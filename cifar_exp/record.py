@@ -8,6 +8,8 @@
     per_class.json     the best checkpoint's accuracy per class and confusion matrix (at the end)
     confusion.png      that confusion matrix
     checkpoints/       last.pt and best.pt every epoch; interrupted.pt on a stop signal
+    profile.txt        with trainer.profile_steps: the profiled steps' operators by their time
+    profile_trace.json and their timeline (Perfetto, chrome://tracing)
 
 "Best" is decided here alone: the epoch with the best value of `trainer.monitor` (the lowest
 loss or the highest accuracy; the earlier epoch on a tie), and with it whether the run stops
@@ -28,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import checkpoint, evaluate, interrupt, plots, resume, tracking
+from cifar_exp import checkpoint, evaluate, interrupt, plots, profiling, resume, tracking
 from cifar_exp.loop import SCORES, best_is_lowest
 from cifar_exp.per_class import ClassView
 from cifar_exp.validation import Data, checked
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METRICS, RESULTS, SUMMARY, GRAPHS = "metrics.jsonl", "results.json", "summary.txt", "graphs.png"
+PROFILE, TRACE = "profile.txt", "profile_trace.json"
 CHECKPOINTS = Path("checkpoints")
 
 
@@ -238,6 +242,18 @@ class RunRecord:
             "%s. Weights so far: checkpoints/interrupted.pt. Continue with "
             "trainer.resume=%s (restarts epoch %d)",
             stop, self.run_dir, stop.epoch,
+        )  # fmt: skip
+
+    def keep_profile(self, profiler: torch.profiler.profile) -> None:
+        """The profiled training steps: operators by their own time, and the timeline."""
+        if not self.writes:
+            return
+        (self.run_dir / PROFILE).write_text(profiling.operator_table(profiler) + "\n")
+        profiler.export_chrome_trace(str(self.run_dir / TRACE))
+        log.info(
+            "Profiled %d training steps: %s (operators by time), %s (open in "
+            "https://ui.perfetto.dev)",
+            profiler.step_num - profiling.SKIPPED - profiling.WARMUP, PROFILE, TRACE,
         )  # fmt: skip
 
     def checkpoint(self, trainee: Trainee, **position: Any) -> dict:

@@ -86,6 +86,7 @@ GATE = [
     (["trainer.device=cuda:99"], "trainer.device=cuda:99, but PyTorch sees"),
     (["trainer.early_stopping.patience=0"],
      "trainer.early_stopping.patience=0: Input should be greater than 0"),
+    (["trainer.profile_steps=-5"], "trainer.profile_steps=-5: Input should be greater than 0"),
 ]  # fmt: skip
 
 
