@@ -32,5 +32,5 @@ def operator_table(profiler: torch.profiler.profile, rows: int = 30) -> str:
     """The operators that took the most time in themselves (on the GPU when it was profiled,
     else on the CPU), PyTorch's table."""
     on_gpu = ProfilerActivity.CUDA in profiler.activities
-    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoint, evaluate, interrupt, plots, profiling, resume, tracking
@@ -39,6 +38,8 @@ from cifar_exp.per_class import ClassView
 from cifar_exp.validation import Data, checked
 
 if TYPE_CHECKING:
+    import torch
+
     from cifar_exp.builder import Training
     from cifar_exp.loop import Trainee
     from cifar_exp.resume import Resumed
@@ -191,9 +192,9 @@ class RunRecord:
     def stops_early(self) -> bool:
         """Whether the run is over before its last epoch: `patience` epochs have passed since
         the best one."""
-        patience = self.facts.patience
-        return bool(patience and self.history) and (
-            self.history[-1]["epoch"] - self.best["epoch"] >= patience
+        patience, last = self.facts.patience, self.history[-1:]
+        return bool(patience and last) and (
+            self.best["epoch"] + patience <= last[0]["epoch"] < self.facts.epochs
         )
 
     def end_epoch(self, metrics: dict, trainee: Trainee) -> None:

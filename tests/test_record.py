@@ -100,3 +100,6 @@ def test_early_stopping_counts_the_epochs_since_the_best(tmp_path, patience, sto
     assert record.stops_early is stops
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["stopped_early"] is stops and results["epochs"] == 3
+    # Patience that runs out with the last epoch stops nothing.
+    record.facts = RunFacts(monitor="val_acc", epochs=3, config={}, patience=patience)
+    assert not record.stops_early
