@@ -104,6 +104,8 @@ def test_a_diverging_trial_is_recorded_failed_and_the_search_goes_on(
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE], output
     assert study.trials[1].params == {"scheduler.lr_scheduler.gamma": 1e30}
     assert "Failed experiment" in output and "training diverged" in output
+    # Under max_failure_rate (0.0 by default) the sweeper would log the failure as too many.
+    assert "with max_failure_rate" not in output
     assert "1 job(s) of the sweep failed:\njob 1 (" in output and proc.returncode == 1
     results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert results["best_params"] == {"scheduler.lr_scheduler.gamma": 0.5}
