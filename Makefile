@@ -5,9 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train bench gpu-check test lint format clean
+.PHONY: help install train bench gpu-check test lint format clean
 
-install: $(INSTALLED)
+# make help: every target below with its description (the text after "##" on its line)
+help: ## list the targets and what each does
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(INSTALLED) ## create .venv (or reuse it) and install the package with the dev tools
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,28 +19,28 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 # make train ARGS="optimizer=adamw scheduler=onecycle trainer.epochs=20"
-train: $(INSTALLED)
+train: $(INSTALLED) ## train one run (or a sweep with ARGS="-m ..."): python -m cifar_exp.train $(ARGS)
 	$(PY) -m cifar_exp.train $(ARGS)
 
 # make bench ARGS="--repeats 3 data.limit_train=10000"  (CIFAR_DATA=<folder tree> for the copy)
-bench: $(INSTALLED)
+bench: $(INSTALLED) ## benchmark the speed options against the naive path (README: Speed)
 	$(PY) -m cifar_exp.bench $(ARGS)
 
 # make gpu-check ARGS="--data <CIFAR-10 folder, official folder or .tar.gz>"  (a CUDA GPU; README)
-gpu-check: $(INSTALLED)
+gpu-check: $(INSTALLED) ## check and measure training on a CUDA GPU (ARGS="--data <CIFAR-10>")
 	$(PY) -m cifar_exp.gpucheck $(ARGS)
 
 # make test ARGS="-k data"  (CIFAR_DATA=<unpacked folder tree> skips unpacking ../shared/data)
-test: $(INSTALLED) lint
+test: $(INSTALLED) lint ## ruff, then pytest $(ARGS)
 	$(PY) -m pytest $(ARGS)
 
-lint: $(INSTALLED)
+lint: $(INSTALLED) ## ruff check and ruff format --check
 	$(VENV)/bin/ruff check cifar_exp tests
 	$(VENV)/bin/ruff format --check cifar_exp tests
 
-format: $(INSTALLED)
+format: $(INSTALLED) ## ruff format and ruff check --fix
 	$(VENV)/bin/ruff format cifar_exp tests
 	$(VENV)/bin/ruff check --fix cifar_exp tests
 
-clean:
+clean: ## remove the run folders under outputs/ and the tools' caches
 	rm -rf outputs/*/ .pytest_cache .ruff_cache

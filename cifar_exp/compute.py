@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 from torch import nn
 
 from cifar_exp import distributed, fast_layers
@@ -58,19 +60,35 @@ def warn_once(message: str) -> None:
     log.warning(message)
 
 
+def job_number() -> int:
+    """This Hydra job's number in its multirun (hydra.job.num); 0 for a single run, or
+    outside Hydra."""
+    if not HydraConfig.initialized():
+        return 0
+    return OmegaConf.select(HydraConfig.get(), "job.num", default=0)
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU (with a warning when the machine has
-    a GPU that PyTorch cannot use); any other name is used as given."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    reason = unusable_gpu()
-    if reason:
-        warn_once(f"trainer.device=auto trains on the CPU: {reason} (trainer.device=cpu: quiet)")
-    return torch.device("cpu")
+    a GPU that PyTorch cannot use); any other name is used as given. CUDA without a GPU number
+    (`auto`, `cuda`) is GPU hydra.job.num modulo the GPU count: the jobs of a multirun that run
+    at once (hydra/launcher=joblib, submitit_local) each train on their own GPU, round robin."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            return torch.device("mps")
+        else:
+            reason = unusable_gpu()
+            if reason:
+                warn_once(
+                    f"trainer.device=auto trains on the CPU: {reason} (trainer.device=cpu: quiet)"
+                )
+            return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 0:
+        return torch.device("cuda", job_number() % torch.cuda.device_count())
+    return device
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -127,6 +145,10 @@ class Compute:
         Where torch.compile cannot build kernels, the model runs uncompiled, with one warning.
         """
         fast_layers.swap_in(model, convs=self.subsampled_convs, dropout=self.packed_dropout)
+        if self.device.type == "cuda":
+            # The job's GPU is also CUDA's current device: what the process allocates without
+            # naming a device (kernels' workspaces, compiled graphs) goes there, not to GPU 0.
+            torch.cuda.set_device(self.device)
         model.to(self.device, memory_format=self.memory_format)
         forward = model if alone else distributed.wrap(model, self.device)
         if not self.compile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from cifar_exp import distributed, interrupt
+from cifar_exp import distributed, interrupt, profiling
 from cifar_exp.compute import Compute
 from cifar_exp.errors import TrainingDiverged, call_factory
 from cifar_exp.optim import WeightAverage
@@ -128,6 +129,7 @@ class LoopOptions:
     label_smoothing: float = 0.0  # of the training loss only
     tta: str = "none"  # the test-time views of each test (and val) image (TTA)
     progress: bool = True  # a progress bar per epoch
+    profile_steps: int | None = None  # torch.profiler over this many steps (see `profiling`)
 
 
 def check_finite(losses: list[torch.Tensor], epoch: int, last_step: int) -> None:
@@ -208,13 +210,14 @@ def train_epoch(
     label_smoothing: float = 0.0,
     epoch: int = 1,
     bar: tqdm | None = None,
+    profiler: torch.profiler.profile | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the loader; returns mean loss, accuracy and the number of images (over
     all ranks under DDP).
 
     Running sums stay on the device, so the loop waits for the GPU only every CHECK_EVERY
     steps, to check the loss is finite and update the progress bar. A stop signal (see
-    `interrupt`) raises Interrupted after a step.
+    `interrupt`) raises Interrupted after a step. A `profiler` is told of every step.
     """
     model, optimizer, scaler, compute = (
         trainee.forward,
@@ -252,6 +255,8 @@ def train_epoch(
                 )
         if bar is not None:
             bar.update()
+        if profiler is not None:
+            profiler.step()
         interrupt.raise_if_requested(epoch, step)
     if recent_losses:
         check_finite(recent_losses, epoch, step)
@@ -268,36 +273,46 @@ def fit(trainee: Trainee, loaders: Loaders, options: LoopOptions, record: RunRec
     Under DDP every rank trains on its share of each batch and tests on the whole test set;
     the training metrics are summed over the ranks. A NaN or infinite loss raises
     TrainingDiverged before its step is kept; a stop signal (see `interrupt`) raises
-    Interrupted after a finished step, once the record has kept the weights so far.
+    Interrupted after a finished step, once the record has kept the weights so far. The
+    record also says when the run stops early (trainer.early_stopping). With
+    `options.profile_steps`, torch.profiler records that many of the first epoch's steps and
+    the record keeps the profile.
     """
+    profiler = None
+    if options.profile_steps:
+        device = trainee.compute.device
+        profiler = profiling.steps_profiler(options.profile_steps, device, record.keep_profile)
     try:
-        for epoch in range(record.next_epoch, options.epochs + 1):
-            loaders.train.seed_epoch(options.seed, epoch)
-            start = time.perf_counter()
-            lr = trainee.optimizer.param_groups[0]["lr"]
-            with tqdm(
-                total=len(loaders.train),
-                desc=f"epoch {epoch}/{options.epochs}",
-                disable=not (options.progress and record.writes),
-                leave=False,
-            ) as bar:
-                train_loss, train_acc, seen = train_epoch(
-                    trainee, loaders.train, label_smoothing=options.label_smoothing,
-                    epoch=epoch, bar=bar,
+        with profiler or contextlib.nullcontext():
+            for epoch in range(record.next_epoch, options.epochs + 1):
+                if record.stops_early:  # trainer.early_stopping, decided with the best epoch
+                    break
+                loaders.train.seed_epoch(options.seed, epoch)
+                start = time.perf_counter()
+                lr = trainee.optimizer.param_groups[0]["lr"]
+                with tqdm(
+                    total=len(loaders.train),
+                    desc=f"epoch {epoch}/{options.epochs}",
+                    disable=not (options.progress and record.writes),
+                    leave=False,
+                ) as bar:
+                    train_loss, train_acc, seen = train_epoch(
+                        trainee, loaders.train, label_smoothing=options.label_smoothing,
+                        epoch=epoch, bar=bar, profiler=profiler,
+                    )  # fmt: skip
+                train_seconds = time.perf_counter() - start
+                test_loss, test_acc = score(trainee, loaders.test, options.tta)
+                metrics = dict(
+                    zip(EPOCH_METRICS, (
+                        epoch, train_loss, train_acc, test_loss, test_acc, lr,
+                        time.perf_counter() - start, seen / train_seconds,
+                    ), strict=True)
                 )  # fmt: skip
-            train_seconds = time.perf_counter() - start
-            test_loss, test_acc = score(trainee, loaders.test, options.tta)
-            metrics = dict(
-                zip(EPOCH_METRICS, (
-                    epoch, train_loss, train_acc, test_loss, test_acc, lr,
-                    time.perf_counter() - start, seen / train_seconds,
-                ), strict=True)
-            )  # fmt: skip
-            if loaders.val is not None:
-                val_scores = score(trainee, loaders.val, options.tta)
-                metrics.update(zip(VAL_METRICS, val_scores, strict=True))
-            trainee.schedule.after_epoch(metrics)
-            record.end_epoch(metrics, trainee)
+                if loaders.val is not None:
+                    val_scores = score(trainee, loaders.val, options.tta)
+                    metrics.update(zip(VAL_METRICS, val_scores, strict=True))
+                trainee.schedule.after_epoch(metrics)
+                record.end_epoch(metrics, trainee)
     except interrupt.Interrupted as stop:
         record.keep_interrupted(trainee, stop)
         raise

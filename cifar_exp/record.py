@@ -8,10 +8,13 @@
     per_class.json     the best checkpoint's accuracy per class and confusion matrix (at the end)
     confusion.png      that confusion matrix
     checkpoints/       last.pt and best.pt every epoch; interrupted.pt on a stop signal
+    profile.txt        with trainer.profile_steps: the profiled steps' operators by their time
+    profile_trace.json and their timeline (Perfetto, chrome://tracing)
 
 "Best" is decided here alone: the epoch with the best value of `trainer.monitor` (the lowest
-loss or the highest accuracy; the earlier epoch on a tie). Under DDP every rank keeps the
-history and rank 0 alone writes.
+loss or the highest accuracy; the earlier epoch on a tie), and with it whether the run stops
+early (`trainer.early_stopping.patience` epochs after the best one). Under DDP every rank keeps
+the history and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import checkpoint, evaluate, interrupt, plots, resume, tracking
+from cifar_exp import checkpoint, evaluate, interrupt, plots, profiling, resume, tracking
 from cifar_exp.loop import SCORES, best_is_lowest
 from cifar_exp.per_class import ClassView
 from cifar_exp.validation import Data, checked
 
 if TYPE_CHECKING:
+    import torch
+
     from cifar_exp.builder import Training
     from cifar_exp.loop import Trainee
     from cifar_exp.resume import Resumed
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METRICS, RESULTS, SUMMARY, GRAPHS = "metrics.jsonl", "results.json", "summary.txt", "graphs.png"
+PROFILE, TRACE = "profile.txt", "profile_trace.json"
 CHECKPOINTS = Path("checkpoints")
 
 
@@ -100,6 +106,7 @@ class RunFacts:
     classes: tuple[str, ...] = ()
     configuration_id: str = ""  # shared by the runs that differ only in seed or runtime keys
     tags: tuple[str, ...] = ()  # the W&B run's tags (kept in checkpoints for a resumed run)
+    patience: int | None = None  # epochs after the best one before the run stops; None: never
 
 
 class RunRecord:
@@ -149,6 +156,7 @@ class RunRecord:
             classes=training.classes,
             configuration_id=config_id,
             tags=(*dict.fromkeys([*tags, f"config:{config_id}"]),),
+            patience=settings.trainer.early_stopping.patience,
         )
         done = resumed.epoch if resumed else 0
         history = rewind_metrics(run_dir / METRICS, done, rewrite=writes) if resumed else []
@@ -180,6 +188,15 @@ class RunRecord:
     def best(self) -> dict:
         return best_epoch(self.history, self.facts.monitor)
 
+    @property
+    def stops_early(self) -> bool:
+        """Whether the run is over before its last epoch: `patience` epochs have passed since
+        the best one."""
+        patience, last = self.facts.patience, self.history[-1:]
+        return bool(patience and last) and (
+            self.best["epoch"] + patience <= last[0]["epoch"] < self.facts.epochs
+        )
+
     def end_epoch(self, metrics: dict, trainee: Trainee) -> None:
         """Keep a finished epoch: its metrics line, its log, last.pt, and best.pt if it is the
         best epoch so far."""
@@ -201,6 +218,13 @@ class RunRecord:
         if self.best is metrics:
             checkpoint.save(state, self.run_dir / CHECKPOINTS / "best.pt")
         self.publish(results)
+        if self.stops_early:
+            log.info(
+                "Stopping early: %s has not improved for %d epochs since epoch %d "
+                "(trainer.early_stopping.patience=%d)",
+                self.facts.monitor, metrics["epoch"] - self.best["epoch"], self.best["epoch"],
+                self.facts.patience,
+            )  # fmt: skip
 
     def publish(self, results: dict[str, Any]) -> None:
         """The results so far into results.json and the W&B summary (every epoch, so a run
@@ -219,6 +243,18 @@ class RunRecord:
             "%s. Weights so far: checkpoints/interrupted.pt. Continue with "
             "trainer.resume=%s (restarts epoch %d)",
             stop, self.run_dir, stop.epoch,
+        )  # fmt: skip
+
+    def keep_profile(self, profiler: torch.profiler.profile) -> None:
+        """The profiled training steps: operators by their own time, and the timeline."""
+        if not self.writes:
+            return
+        (self.run_dir / PROFILE).write_text(profiling.operator_table(profiler) + "\n")
+        profiler.export_chrome_trace(str(self.run_dir / TRACE))
+        log.info(
+            "Profiled %d training steps: %s (operators by time), %s (open in "
+            "https://ui.perfetto.dev)",
+            profiler.step_num - profiling.SKIPPED - profiling.WARMUP, PROFILE, TRACE,
         )  # fmt: skip
 
     def checkpoint(self, trainee: Trainee, **position: Any) -> dict:
@@ -241,6 +277,7 @@ class RunRecord:
             "final_test_acc": last["test_acc"],
             "final_train_acc": last["train_acc"],
             "epochs": last["epoch"],
+            "stopped_early": self.stops_early,
             "params": self.facts.params,
             "receptive_field": self.facts.receptive_field,
             "mean_epoch_seconds": statistics.fmean(m["epoch_seconds"] for m in self.history),

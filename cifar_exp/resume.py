@@ -156,10 +156,19 @@ class Resumed:
         checkpoint.set_rng_state(self.state["rng"])
 
 
+def continues(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether the run continues one: `trainer.resume`, or its own folder already holds a
+    checkpoint. A new run gets a new folder (run_folders), so a checkpoint there means the same
+    job started again: submitit requeues a job stopped at its time limit or preempted
+    (hydra.launcher.max_num_timeout) into the folder it had."""
+    return bool(cfg.trainer.resume) or (run_dir / LAST).is_file()
+
+
 def load(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Resumed:
-    """Read the checkpoint `cfg.trainer.resume` names in `run_dir`, and the config to continue
-    with: the saved one, with the `runtime_keys` that the command line (`overrides`) sets."""
-    path = checkpoint_path(cfg.trainer.resume, run_dir)
+    """Read the checkpoint `cfg.trainer.resume` names in `run_dir` (without it, the folder's
+    own last.pt), and the config to continue with: the saved one, with the `runtime_keys` that
+    the command line (`overrides`) sets."""
+    path = checkpoint_path(cfg.trainer.resume or "auto", run_dir)
     state = checkpoint.load(path)
     if "step" in state:
         raise CheckpointError(
@@ -168,6 +177,14 @@ def load(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Resumed:
         )
     runtime_keys = list(cfg.runtime_keys)
     composed = OmegaConf.to_container(cfg, resolve=True)
+    if not cfg.trainer.resume and experiment(composed, runtime_keys) != experiment(
+        state["config"], runtime_keys
+    ):
+        raise UserError(
+            f"the run folder {run_dir} already holds another run's checkpoint ({LAST}); "
+            f"choose an empty folder (hydra.run.dir=<folder>), or continue that run with "
+            f"trainer.resume={run_dir}"
+        )
     check_overrides(overrides, composed, state["config"], runtime_keys)
     config = OmegaConf.create(state["config"])
     given = overridden(overrides)

@@ -21,7 +21,8 @@ def train(cfg: DictConfig) -> float:
     """Check the config, build what it names, train, and return the optimised metric's value
     at the best epoch (what a Hydra sweeper such as optuna optimises).
 
-    With trainer.resume, continue the run in its own folder from its last checkpoint. Under
+    With trainer.resume, or started again in a folder that holds a checkpoint (a requeued
+    SLURM job), continue the run in its own folder from its last checkpoint. Under
     DDP (trainer.strategy=ddp) this runs in every process; rank 0 keeps the records.
     """
     settings = validate(cfg)
@@ -30,7 +31,7 @@ def train(cfg: DictConfig) -> float:
     # The other ranks' Hydra folders are throwaway ones (run_folders): use rank 0's.
     run_dir = Path(distributed.broadcast(job.runtime.output_dir))
     resumed = None
-    if settings.trainer.resume:
+    if resume.continues(cfg, run_dir):
         resumed = resume.load(cfg, run_dir, list(job.overrides.task))
         cfg, settings = resumed.config, validate(resumed.config)
     seed_everything(settings.seed, settings.trainer.deterministic)

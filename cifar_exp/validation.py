@@ -53,6 +53,10 @@ class Average(Section):
     every: PositiveInt = 1
 
 
+class EarlyStopping(Section):
+    patience: PositiveInt | None = None  # epochs without a better trainer.monitor; null: off
+
+
 class Trainer(Section):
     epochs: PositiveInt
     device: str = "auto"
@@ -64,6 +68,8 @@ class Trainer(Section):
     tta: Literal[TTA] = "none"
     test_flip: bool | None = None  # the key tta replaced: true is tta=flip
     ema: Average = Average()
+    early_stopping: EarlyStopping = EarlyStopping()
+    profile_steps: PositiveInt | None = None  # torch.profiler over this many training steps
     precision: Literal[("auto", *PRECISIONS)] = "auto"
     channels_last: bool = True
     compile: bool | Auto = "auto"
@@ -166,7 +172,12 @@ class Settings(Section):
     def loop(self) -> LoopOptions:
         trainer = self.trainer
         return LoopOptions(
-            trainer.epochs, self.seed, trainer.label_smoothing, trainer.tta, trainer.progress
+            trainer.epochs,
+            self.seed,
+            trainer.label_smoothing,
+            trainer.tta,
+            trainer.progress,
+            trainer.profile_steps,
         )
 
     @model_validator(mode="after")

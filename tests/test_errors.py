@@ -84,6 +84,9 @@ GATE = [
     (["seed=-1"], "seed=-1: Input should be greater than or equal to 0"),
     (["trainer.device=gpu"], "trainer.device='gpu': Value error, not a device"),
     (["trainer.device=cuda:99"], "trainer.device=cuda:99, but PyTorch sees"),
+    (["trainer.early_stopping.patience=0"],
+     "trainer.early_stopping.patience=0: Input should be greater than 0"),
+    (["trainer.profile_steps=-5"], "trainer.profile_steps=-5: Input should be greater than 0"),
 ]  # fmt: skip
 
 

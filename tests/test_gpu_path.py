@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import CPU, MEAN, REPO, STD, compose_train, data_overrides, numbered_images
+from conftest import CONF, CPU, MEAN, REPO, STD, compose_train, data_overrides, numbered_images
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -116,6 +118,25 @@ def test_cublas_is_set_up_for_determinism_before_anything_uses_cuda():
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert out.stdout.strip() == ":4096:8", out.stderr
+
+
+def test_the_jobs_of_a_multirun_take_the_gpus_in_turn(monkeypatch):
+    """Three GPUs (mocked): job n of a sweep trains on GPU n mod 3 with `auto` or `cuda`, as
+    each job sees its Hydra config (joblib's workers, submitit's jobs); a named GPU is kept."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    hydra_config = HydraConfig.instance()
+    monkeypatch.setattr(hydra_config, "cfg", None)  # put back after the test
+    assert resolve_device("auto") == torch.device("cuda", 0)  # outside Hydra
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra_config.set_config(compose("train", return_hydra_config=True))
+        assert resolve_device("auto") == torch.device("cuda", 0)  # a single run: no job number
+        for num, gpu in [(0, 0), (1, 1), (2, 2), (3, 0), (7, 1)]:
+            job = compose("train", [f"hydra.job.num={num}"], return_hydra_config=True)
+            hydra_config.set_config(job)
+            assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", gpu)
+            assert resolve_device("cuda:2") == torch.device("cuda", 2)
+            assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_auto_says_so_when_the_machine_has_a_gpu_pytorch_cannot_use(monkeypatch, tmp_path, caplog):

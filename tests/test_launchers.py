@@ -3,11 +3,19 @@ this machine (submitit_local), and a SLURM job array's configuration (slurm)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import submitit
-from conftest import CONF, data_overrides, read_metrics, run_cli, wandb_records
+import torch
+from conftest import CONF, REPO, data_overrides, read_metrics, run_cli, wandb_records
 from hydra import compose, initialize_config_dir
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
 
 def sweep(out, *overrides, cifar_root, cache_dir):
@@ -54,6 +62,54 @@ def test_submitit_local_runs_each_job_as_a_submitit_job(cifar_root, cache_dir, t
     check_sweep(proc, jobs)
     results = list(sweep_dir.glob(".submitit/*/*_result.pkl"))
     assert len(results) == 3  # one submitit job each, its result pickled back
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in found.split()]
+
+
+def test_submitit_requeues_a_job_on_its_pre_timeout_signal_and_it_resumes(
+    cifar_root, cache_dir, tmp_path
+):
+    """SIGUSR2 (what SLURM sends before the time limit) to a training submitit job: the job
+    saves interrupted.pt, submitit's handler requeues it, and the job started again continues
+    from last.pt in its own folder and W&B run."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_exp.train", "-m", "hydra/launcher=submitit_local",
+         *data_overrides(cifar_root, cache_dir, train=1500, test=100), "data.batch_size=50",
+         "trainer.epochs=3", "trainer.device=cpu", f"output_root={tmp_path}"],
+        cwd=REPO, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.pt")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "epoch 1 never finished"
+        time.sleep(0.02)
+    (job_dir,) = tmp_path.glob("multirun/*/*/0_*")
+    # This process, then submitit's controller, then the job training in it.
+    (job,) = [task for controller in children(proc.pid) for task in children(controller)]
+    time.sleep(0.3)  # into epoch 2 (30 steps of seconds in all)
+    os.kill(job, signal.SIGUSR2)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+
+    stopped = torch.load(job_dir / "checkpoints" / "interrupted.pt", weights_only=True)
+    assert stopped["epoch"] == 2 and stopped["step"] >= 1
+    logs = "".join(p.read_text() for p in job_dir.parent.glob(".submitit/*/*_log.*"))
+    assert "SIGUSR2 received: stopped after epoch 2" in logs
+    assert "Requeued job" in logs
+    assert f"Resuming {job_dir} after epoch 1" in logs
+    assert [m["epoch"] for m in read_metrics(job_dir)] == [1, 2, 3]
+    jobs = [p.name[:2] for p in job_dir.parent.iterdir() if p.is_dir() and p.name[0] != "."]
+    assert jobs == ["0_"]  # no folder of its own for the job started again
+    # One W&B run, two sessions (offline: a folder each), the first ended by the signal.
+    records = wandb_records(job_dir)
+    assert len(list(job_dir.glob("wandb/offline-run-*"))) == 2
+    assert len({r["run"]["run_id"] for r in records if r["type"] == "run"}) == 1
+    exits = [r["exit"]["exit_code"] for r in records if r["type"] == "exit"]
+    assert exits == [LOCAL_REQUEUE_RETURN_CODE, 0]
 
 
 def test_slurm_config_reaches_the_sbatch_script(tmp_path, monkeypatch):

@@ -83,3 +83,23 @@ def test_rewind_drops_epochs_after_the_checkpoint_and_partial_lines(tmp_path):
     assert metrics.read_text().endswith('{"epo')  # read only
     assert rewind_metrics(metrics, 2) == [{"epoch": 1}, {"epoch": 2}]
     assert metrics.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+@pytest.mark.parametrize(("patience", "stops"), [(None, False), (1, True), (2, False)])
+def test_early_stopping_counts_the_epochs_since_the_best(tmp_path, patience, stops):
+    """val_acc is best at epoch 2 of 3: one epoch without improvement."""
+    record = RunRecord(
+        tmp_path, RunFacts(monitor="val_acc", epochs=5, config={}, patience=patience),
+        RecordingTracker(),
+    )  # fmt: skip
+    trainee = make_trainee(ConvNet(TINY_BLOCKS))
+    for metrics in HISTORY[:2]:
+        record.end_epoch(dict(metrics), trainee)
+        assert not record.stops_early
+    record.end_epoch(dict(HISTORY[2]), trainee)
+    assert record.stops_early is stops
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stopped_early"] is stops and results["epochs"] == 3
+    # Patience that runs out with the last epoch stops nothing.
+    record.facts = RunFacts(monitor="val_acc", epochs=3, config={}, patience=patience)
+    assert not record.stops_early

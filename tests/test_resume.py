@@ -236,3 +236,22 @@ def test_an_earlier_versions_config_is_brought_up_to_date():
     assert new["augment"]["_target_"] == "cifar_exp.augment.Pipeline"
     assert new["augment"]["before_normalize"][0]["_target_"] == "albumentations.HorizontalFlip"
     assert old["model"]["max_params"] == 1000  # the given config is left as it was
+
+
+def test_a_job_started_again_in_its_folder_continues_there(cifar_root, cache_dir, tmp_path):
+    """What submitit's requeue does: the same command in the folder that holds its checkpoint
+    continues the run; a run of another config there is refused before any work."""
+    args = [
+        *data_overrides(cifar_root, cache_dir, train=100, test=100),
+        "trainer.device=cpu", "logger=none", f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    run_cli("train", *args, "trainer.epochs=1")
+    again = run_cli("train", *args, "trainer.epochs=1")
+    assert f"Resuming {tmp_path} after epoch 1" in again.stdout + again.stderr
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [1]
+    other = run_cli("train", *args, "trainer.epochs=2", check=False)
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert f"the run folder {tmp_path} already holds another run's checkpoint" in (
+        other.stdout + other.stderr
+    )
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [1]

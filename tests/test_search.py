@@ -9,6 +9,7 @@ import optuna
 import pytest
 import yaml
 from conftest import compose_train, data_overrides, read_metrics, run_cli
+from optuna.trial import TrialState
 
 from cifar_exp.validation import validate
 
@@ -71,3 +72,41 @@ def test_search_optimises_the_validation_accuracy():
     assert held_out.optimized_metric == held_out.trainer.monitor == "val_acc"
     chosen = validate(compose_train("data.val_size=10", "trainer.monitor=val_loss"))
     assert chosen.optimized_metric == "val_loss"
+
+
+def test_a_diverging_trial_is_recorded_failed_and_the_search_goes_on(
+    cifar_root, cache_dir, tmp_path
+):
+    """A search space whose second trial (TPE's random start, seed 0) diverges in epoch 2
+    (the learning rate times 1e30 after epoch 1): it is marked failed, the third trial runs,
+    and the best trial is written as usual."""
+    group = tmp_path / "conf" / "hparams_search"
+    group.mkdir(parents=True)
+    (group / "diverging.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - optuna\n"
+        "hydra:\n  sweeper:\n    sampler:\n      seed: 0\n    params:\n"
+        "      optimizer.lr: 0.05\n      optimizer.weight_decay: 0.0005\n"
+        "      model.dropout: 0.0\n      data.batch_size: 25\n      scheduler: step\n"
+        "      scheduler.lr_scheduler.gamma: choice(1e30, 0.5)\n"
+    )
+    out = tmp_path / "out"
+    proc = run_cli(
+        "train", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "hparams_search=diverging",
+        *data_overrides(cifar_root, cache_dir, train=200, test=100), "data.val_size=50",
+        "trainer.epochs=2", "scheduler.lr_scheduler.step_size=1", "logger=none",
+        "hydra.sweeper.n_trials=3", f"output_root={out}", check=False,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    folder = out / "optuna" / "cifar_exp"
+    study = optuna.load_study(study_name="cifar_exp", storage=f"sqlite:///{folder}/optuna.db")
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE], output
+    assert study.trials[1].params == {"scheduler.lr_scheduler.gamma": 1e30}
+    assert "Failed experiment" in output and "training diverged" in output
+    # Under max_failure_rate (0.0 by default) the sweeper would log the failure as too many.
+    assert "with max_failure_rate" not in output
+    assert "1 job(s) of the sweep failed:\njob 1 (" in output and proc.returncode == 1
+    results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert results["best_params"] == {"scheduler.lr_scheduler.gamma": 0.5}
+    assert results["best_value"] == study.best_value

@@ -204,3 +204,57 @@ def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):
     assert "no such checkpoint file" in proc.stderr + proc.stdout
     assert not (tmp_path / "eval.json").exists()
     assert "Traceback" not in proc.stderr
+
+
+def test_early_stopping_ends_the_run_patience_epochs_after_the_best(
+    cifar_root, cache_dir, tmp_path
+):
+    """The learning rate is 0 after epoch 1 (StepLR, gamma 0) and GroupNorm keeps no running
+    statistics, so epoch 2 scores exactly as epoch 1: no improvement (the earlier epoch wins a
+    tie), and patience 1 stops the run after epoch 2 of 5."""
+    run_cli(
+        "train", *data_overrides(cifar_root, cache_dir, train=100, test=100),
+        "model/norm=group", "scheduler.lr_scheduler.step_size=1", "scheduler.lr_scheduler.gamma=0",
+        "trainer.epochs=5", "trainer.early_stopping.patience=1", "trainer.device=cpu",
+        "logger=none", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    first, second = read_metrics(tmp_path)
+    assert second["lr"] == 0 and second["test_acc"] == first["test_acc"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stopped_early"] is True and results["epochs"] == 2
+    assert results["best_epoch"] == 1
+    assert (
+        "Stopping early: test_acc has not improved for 1 epochs since epoch 1"
+        in (tmp_path / "train.log").read_text()
+    )
+
+
+def test_debug_overfit_learns_one_batch_by_heart(cifar_root, cache_dir, tmp_path):
+    run_cli(
+        "train", "debug=overfit", f"data.root={cifar_root}", "data.format=folder",
+        f"data.cache_dir={cache_dir}", "trainer.device=cpu", "trainer.progress=false",
+        "logger=none", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    metrics = read_metrics(tmp_path)
+    assert len(metrics) == 20
+    assert metrics[-1]["train_acc"] == 1.0, [m["train_acc"] for m in metrics]
+    assert metrics[0]["train_acc"] < 0.5  # it learnt them here
+    assert "20 training and 100 test images" in (tmp_path / "train.log").read_text()
+
+
+def test_debug_profile_writes_the_operator_table_and_trace(cifar_root, cache_dir, tmp_path):
+    """The preset, on smaller batches (8 steps of 32 instead of 128: quicker here)."""
+    run_cli(
+        "train", "debug=profile", f"data.root={cifar_root}", "data.format=folder",
+        f"data.cache_dir={cache_dir}", "trainer.device=cpu", "trainer.progress=false",
+        "logger=none", "data.batch_size=32", "data.limit_train=256", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [1]
+    table = (tmp_path / "profile.txt").read_text()
+    assert "Self CPU time total" in table and "aten::convolution" in table
+    trace = json.loads((tmp_path / "profile_trace.json").read_text())
+    steps = {e["name"] for e in trace["traceEvents"] if e["name"].startswith("ProfilerStep#")}
+    assert steps == {f"ProfilerStep#{n}" for n in range(2, 7)}  # after 2 warm-up steps
+    log = (tmp_path / "train.log").read_text()
+    assert "Profiled 5 training steps: profile.txt" in log
+    assert "256 training and 500 test images" in log
