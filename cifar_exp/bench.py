@@ -28,13 +28,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity
 
+from cifar_exp import CONF_DIR
 from cifar_exp.builder import Training, build
 from cifar_exp.compute import seed_everything
 from cifar_exp.errors import exit_on_user_error
 from cifar_exp.loop import train_epoch
 from cifar_exp.validation import validate
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 NAIVE = [
     "augment=s9", "data.num_workers=2", "data.batch_size=128", "trainer.precision=fp32",
     "trainer.channels_last=false", "trainer.compile=false", "trainer.threads=null",
@@ -86,7 +86,7 @@ Contestant = tuple[Training, int]
 def build_variants(names: list[str], overrides: list[str]) -> dict[str, Contestant]:
     """Each variant's training setup and its CPU thread count."""
     default_threads = torch.get_num_threads()  # before a variant's build sets its own
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         configs: dict[str, DictConfig] = {
             name: compose("train", overrides=[*overrides, *VARIANTS[name], "logger=none"])
             for name in names
