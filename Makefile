@@ -1,18 +1,23 @@
 # Each target creates or reuses .venv and installs the package (editable, with dev tools) first,
-# so on a fresh machine `make train` or `make test` is the only command needed.
+# so on a fresh machine `make train` or `make test` is the only command needed. The versions are
+# constraints.txt's: the exact set tested here (pyproject.toml keeps a library's ranges).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train bench gpu-check test lint format clean
+.PHONY: install constraints train bench gpu-check test lint format clean
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --editable '.[dev]'
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
 	touch $@
+
+# constraints.txt from what .venv has (after a pin was moved there and `make install` ran)
+constraints: $(INSTALLED)
+	$(PY) tools/freeze_constraints.py > constraints.txt
 
 # make train ARGS="optimizer=adamw scheduler=onecycle trainer.epochs=20"
 train: $(INSTALLED)
