@@ -14,12 +14,12 @@ from pathlib import Path
 
 from conftest import REPO, data_overrides
 
-# Each other console script's --help, and a line of it that shows it is that entry point.
+# Each other console script's --help, and an option of that entry point it shows.
 HELP = {
     "cifar-evaluate": "ckpt: ???",  # evaluate's Hydra config
-    "cifar-report": "usage: cifar-report",
-    "cifar-bench": "usage: cifar-bench",
-    "cifar-gpucheck": "usage: cifar-gpucheck",
+    "cifar-report": "--eval-images",
+    "cifar-bench": "--full",
+    "cifar-gpucheck": "--steps",
 }
 
 
