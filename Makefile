@@ -23,7 +23,8 @@ constraints: $(INSTALLED)
 train: $(INSTALLED)
 	$(PY) -m cifar_exp.train $(ARGS)
 
-# make bench ARGS="--repeats 3 data.limit_train=10000"  (CIFAR_DATA=<folder tree> for the copy)
+# make bench: the quick subset (minutes); make bench ARGS=--full: every variant on every image
+# (an hour on 2 CPU cores); CIFAR_DATA=<folder tree> for the copy
 bench: $(INSTALLED)
 	$(PY) -m cifar_exp.bench $(ARGS)
 
