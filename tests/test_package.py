@@ -87,6 +87,12 @@ def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
 
     job = run(bin_dir / "cifar-train", "--cfg", "job", "model/norm=group", cwd=elsewhere, env=env)
     assert "_target_: cifar_exp.models.ConvNet" in job and "cifar_exp.models.group_norm" in job
+    # the package's launcher and search configs on top of the Hydra plugins' own
+    hydra = run(
+        bin_dir / "cifar-train", "--cfg", "hydra", "hydra/launcher=slurm", "hparams_search=optuna",
+        cwd=elsewhere, env=env,
+    )  # fmt: skip
+    assert "submitit_plugin.SlurmLauncher" in hydra and "optuna_sweeper.OptunaSweeper" in hydra
     for script, line in HELP.items():
         assert line in run(bin_dir / script, "--help", cwd=elsewhere, env=env)
 
