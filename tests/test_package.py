@@ -92,7 +92,7 @@ def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
         bin_dir / "cifar-train", "--cfg", "hydra", "hydra/launcher=slurm", "hparams_search=optuna",
         cwd=elsewhere, env=env,
     )  # fmt: skip
-    assert "submitit_plugin.SlurmLauncher" in hydra and "optuna_sweeper.OptunaSweeper" in hydra
+    assert "submitit_launcher.SlurmLauncher" in hydra and "optuna_sweeper.OptunaSweeper" in hydra
     for script, line in HELP.items():
         assert line in run(bin_dir / script, "--help", cwd=elsewhere, env=env)
 
