@@ -37,12 +37,12 @@ test: $(INSTALLED) lint
 	$(PY) -m pytest $(ARGS)
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check cifar_exp tests
-	$(VENV)/bin/ruff format --check cifar_exp tests
+	$(VENV)/bin/ruff check cifar_exp tests tools
+	$(VENV)/bin/ruff format --check cifar_exp tests tools
 
 format: $(INSTALLED)
-	$(VENV)/bin/ruff format cifar_exp tests
-	$(VENV)/bin/ruff check --fix cifar_exp tests
+	$(VENV)/bin/ruff format cifar_exp tests tools
+	$(VENV)/bin/ruff check --fix cifar_exp tests tools
 
 clean:
 	rm -rf outputs/*/ .pytest_cache .ruff_cache
