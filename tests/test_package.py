@@ -87,6 +87,8 @@ def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
 
     job = run(bin_dir / "cifar-train", "--cfg", "job", "model/norm=group", cwd=elsewhere, env=env)
     assert "_target_: cifar_exp.models.ConvNet" in job and "cifar_exp.models.group_norm" in job
+    module = [bin_dir / "python", "-m", "cifar_exp.train", "--cfg", "job", "model/norm=group"]
+    assert run(*module, cwd=elsewhere, env=env) == job
     # the package's launcher and search configs on top of the Hydra plugins' own
     hydra = run(
         bin_dir / "cifar-train", "--cfg", "hydra", "hydra/launcher=slurm", "hparams_search=optuna",
