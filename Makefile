@@ -1,28 +1,34 @@
 # Each target creates or reuses .venv and installs the package (editable, with dev tools) first,
-# so on a fresh machine `make train` or `make test` is the only command needed.
+# so on a fresh machine `make train` or `make test` is the only command needed. The versions are
+# constraints.txt's: the exact set tested here (pyproject.toml keeps a library's ranges).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install train bench gpu-check test lint format clean
+.PHONY: help install constraints train bench gpu-check test lint format clean
 
 # make help: every target below with its description (the text after "##" on its line)
 help: ## list the targets and what each does
-	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install: $(INSTALLED) ## create .venv (or reuse it) and install the package with the dev tools
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --editable '.[dev]'
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
 	touch $@
+
+# constraints.txt from what .venv has (after a pin was moved there and `make install` ran)
+constraints: $(INSTALLED) ## rewrite constraints.txt from what .venv has installed
+	$(PY) tools/freeze_constraints.py > constraints.txt
 
 # make train ARGS="optimizer=adamw scheduler=onecycle trainer.epochs=20"
 train: $(INSTALLED) ## train one run (or a sweep with ARGS="-m ..."): python -m cifar_exp.train $(ARGS)
 	$(PY) -m cifar_exp.train $(ARGS)
 
-# make bench ARGS="--repeats 3 data.limit_train=10000"  (CIFAR_DATA=<folder tree> for the copy)
+# make bench: the quick subset (minutes); make bench ARGS=--full: every variant on every image
+# (an hour on 2 CPU cores); CIFAR_DATA=<folder tree> for the copy
 bench: $(INSTALLED) ## benchmark the speed options against the naive path (README: Speed)
 	$(PY) -m cifar_exp.bench $(ARGS)
 
@@ -35,12 +41,12 @@ test: $(INSTALLED) lint ## ruff, then pytest $(ARGS)
 	$(PY) -m pytest $(ARGS)
 
 lint: $(INSTALLED) ## ruff check and ruff format --check
-	$(VENV)/bin/ruff check cifar_exp tests
-	$(VENV)/bin/ruff format --check cifar_exp tests
+	$(VENV)/bin/ruff check cifar_exp tests tools
+	$(VENV)/bin/ruff format --check cifar_exp tests tools
 
 format: $(INSTALLED) ## ruff format and ruff check --fix
-	$(VENV)/bin/ruff format cifar_exp tests
-	$(VENV)/bin/ruff check --fix cifar_exp tests
+	$(VENV)/bin/ruff format cifar_exp tests tools
+	$(VENV)/bin/ruff check --fix cifar_exp tests tools
 
 clean: ## remove the run folders under outputs/ and the tools' caches
 	rm -rf outputs/*/ .pytest_cache .ruff_cache

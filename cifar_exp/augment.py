@@ -2,7 +2,7 @@
 
 `Pipeline`: albumentations, one uint8 HWC image at a time in DataLoader workers; the reference.
 `BatchAugment`: tensor operations on a whole uint8 NCHW batch on its device; the fast path.
-The transforms are listed in `conf/augment/<option>.yaml`. Each kind knows its test-time
+The transforms are listed in `cifar_exp/conf/augment/<option>.yaml`. Each kind knows its test-time
 counterpart (`test_time`: the same normalisation, nothing else), the loader that feeds it
 (`loader`) and whether it fits the images (`check`).
 """

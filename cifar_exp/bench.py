@@ -1,5 +1,9 @@
-"""`python -m cifar_exp.bench [--repeats N] [--variants a,b] [--profile STEPS] [overrides]`:
+"""`python -m cifar_exp.bench [--full] [--repeats N] [--variants a,b] [overrides]`:
 training throughput.
+
+By default a quick subset (the naive path, the defaults and the main speed options on
+`QUICK_IMAGES` training images: minutes on a 2-core CPU); `--full` runs every variant on every
+training image (about an hour there).
 
 Measures images per second over whole training epochs, data loading and augmentation
 included, for the naive baseline (per-image albumentations in a 2-worker DataLoader, eager
@@ -28,13 +32,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity
 
+from cifar_exp import CONF_DIR
 from cifar_exp.builder import Training, build
 from cifar_exp.compute import seed_everything
 from cifar_exp.errors import exit_on_user_error
 from cifar_exp.loop import train_epoch
 from cifar_exp.validation import validate
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 NAIVE = [
     "augment=s9", "data.num_workers=2", "data.batch_size=128", "trainer.precision=fp32",
     "trainer.channels_last=false", "trainer.compile=false", "trainer.threads=null",
@@ -58,6 +62,10 @@ VARIANTS = {
     "defaults_eager": ["trainer.compile=false"],
     "defaults+reduce_overhead": ["trainer.compile=true", "trainer.compile_mode=reduce-overhead"],
 }
+# The quick benchmark: the options that make the CPU defaults (compiling takes minutes there).
+QUICK = ["naive", "defaults", "batched_augment", "bf16", "channels_last", "subsampled_convs",
+         "packed_dropout"]  # fmt: skip
+QUICK_IMAGES = 5000  # training images per epoch; a data.limit_train override wins
 
 
 def timed_epoch(training: Training, batches: int | None) -> float:
@@ -86,7 +94,7 @@ Contestant = tuple[Training, int]
 def build_variants(names: list[str], overrides: list[str]) -> dict[str, Contestant]:
     """Each variant's training setup and its CPU thread count."""
     default_threads = torch.get_num_threads()  # before a variant's build sets its own
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         configs: dict[str, DictConfig] = {
             name: compose("train", overrides=[*overrides, *VARIANTS[name], "logger=none"])
             for name in names
@@ -174,12 +182,30 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def selection(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The variants to run (naive and defaults first) and the overrides for all of them: the
+    quick benchmark's image limit unless --full, the CIFAR_DATA folder, the command line's."""
+    names = ["naive", "defaults"]
+    wanted = args.variants.split(",") if args.variants else list(VARIANTS) if args.full else QUICK
+    names += [n for n in wanted if n not in names]
+    overrides = [] if args.full else [f"data.limit_train={QUICK_IMAGES}"]
+    if os.environ.get("CIFAR_DATA"):
+        overrides += [f"data.root={os.environ['CIFAR_DATA']}", "data.format=folder"]
+    return names, [*overrides, *args.overrides]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `names` (the variants to run) and the overrides of `selection`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help=f"every variant on every training image (default: {', '.join(QUICK)} "
+        f"on {QUICK_IMAGES} images)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
         help=f"comma-separated subset of: {', '.join(VARIANTS)} (naive and defaults always run)",
     )
     parser.add_argument("--out", type=Path, help="JSON file (default outputs/bench/<time>.json)")
@@ -191,21 +217,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every variant")
     args = parser.parse_args(argv)
-    names = ["naive", "defaults"]
-    names += [n for n in args.variants.split(",") if n not in names]
-    unknown = [n for n in names if n not in VARIANTS]
+    args.names, args.overrides = selection(args)
+    unknown = [n for n in args.names if n not in VARIANTS]
     if unknown or args.repeats < 1:
         parser.error(f"unknown variants {unknown}" if unknown else "--repeats must be >= 1")
-    overrides = list(args.overrides)
-    if os.environ.get("CIFAR_DATA"):
-        overrides = [f"data.root={os.environ['CIFAR_DATA']}", "data.format=folder", *overrides]
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with exit_on_user_error():
-        contestants = build_variants(names, overrides)
+        contestants = build_variants(args.names, args.overrides)
         if args.profile:
             profile(contestants, args.profile)
             return
-        report = run(contestants, overrides, args.repeats)
+        report = run(contestants, args.overrides, args.repeats)
     out = args.out or Path("outputs/bench") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cifar_exp import checkpoint, data, tracking
+from cifar_exp import CONF_DIR, checkpoint, data, tracking
 from cifar_exp.compute import resolve_compute, resolve_device
 from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.loop import Predictions, predict
@@ -92,7 +92,7 @@ def track(cfg: DictConfig, folder: Path, result: dict, view: ClassView) -> None:
         view.log(run)
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     with exit_on_user_error():
         result, view = score(cfg)

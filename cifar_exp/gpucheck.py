@@ -45,7 +45,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cifar_exp.bench import CONF_DIR
+from cifar_exp import CONF_DIR
 from cifar_exp.builder import build
 from cifar_exp.compute import seed_everything, unusable_gpu
 from cifar_exp.errors import USAGE_ERROR
@@ -231,7 +231,7 @@ def syncs(check: Check) -> dict:
     (batches of 32), after 3 warm-up steps (compilation, cuDNN's autotuning)."""
     overrides = [*check.overrides, "logger=none", f"data.limit_train={check.images}",
                  "data.limit_test=100", "data.batch_size=32"]  # fmt: skip
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     settings = validate(cfg)
     seed_everything(settings.seed)

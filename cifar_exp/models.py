@@ -98,7 +98,7 @@ class ConvNet(nn.Module):
              model's `transition.type`) and per-type geometry, e.g. {dilated: {padding: 2}};
       dropout: this block's rate, in place of the model's (0 leaves the module out);
       separable: the default for the block's convolutions.
-    `norm` makes the norm layer for a number of channels (conf/model/norm/<option>.yaml);
+    `norm` makes the norm layer for a number of channels (cifar_exp/conf/model/norm/<option>.yaml);
     `transition` is {type: <default type>} plus optional per-type geometry for every block.
     `whiten`: the first convolution's filters are frozen at a whitening of the training
     images' patches (`whiten_first_layer`), after airbench; the parameter count is unchanged.

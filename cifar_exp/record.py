@@ -59,7 +59,7 @@ def best_epoch(history: list[dict], metric: str) -> dict:
 
 
 def configuration_id(config: dict) -> str:
-    """What runs that differ only in seed, or in where and how they run (conf/train.yaml's
+    """What runs that differ only in seed, or in where and how they run (cifar_exp/conf/train.yaml's
     runtime_keys), share: a stable hash of the config without those keys."""
     kept = resume.experiment(config, [*config.get("runtime_keys", []), "seed"])
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]

@@ -3,7 +3,7 @@
 continues with, and its state restored once the model is on its device.
 
 A resumed run keeps its saved config; only the keys listed in `runtime_keys`
-(conf/train.yaml: where and how it runs, never what it is) may change on the command line.
+(cifar_exp/conf/train.yaml: where and how it runs, never what it is) may change on the command line.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Which folder a run's files go to: a fresh one of its own, or the folder of the run it resumes.
 
-`RunFolders` is a Hydra callback (listed in conf/train.yaml) that settles the folder before
-Hydra creates it: a new run gets a folder no other run shares, even one started in the same
-second; `trainer.resume` points Hydra at the resumed run's folder (see `resume`). What goes
+`RunFolders` is a Hydra callback (listed in cifar_exp/conf/train.yaml) that settles the folder
+before Hydra creates it: a new run gets a folder no other run shares, even one started in the
+same second; `trainer.resume` points Hydra at the resumed run's folder (see `resume`). What goes
 into the folder is the run record's (`record`).
 """
 

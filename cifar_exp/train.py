@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cifar_exp import distributed, interrupt, resume
+from cifar_exp import CONF_DIR, distributed, interrupt, resume
 from cifar_exp.builder import build
 from cifar_exp.compute import seed_everything
 from cifar_exp.errors import run_job
@@ -43,10 +43,6 @@ def train(cfg: DictConfig) -> float:
             fit(training.trainee, training.loaders, settings.loop, record)
         results = record.finish()
     return results[f"best_{settings.optimized_metric}"]
-
-
-# An absolute path: Hydra finds it whether this module runs as __main__ or is imported.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
+from cifar_exp import CONF_DIR
 from cifar_exp.augment import BatchAugment
 from cifar_exp.compute import Compute
 from cifar_exp.data import ImageSet
@@ -25,9 +26,9 @@ from cifar_exp.loop import Schedule, Trainee
 from cifar_exp.record import RunFacts, RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = Path(CONF_DIR)
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-# conf/data/cifar10.yaml's normalisation, for tests that build pipelines directly
+# cifar_exp/conf/data/cifar10.yaml's normalisation, for tests that build pipelines directly
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 

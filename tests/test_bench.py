@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import compose_train, data_overrides, run_cli
 
-from cifar_exp.bench import build_variants
+from cifar_exp.bench import QUICK, QUICK_IMAGES, VARIANTS, build_variants, parse_args
 from cifar_exp.compute import Compute, resolve_compute
 from cifar_exp.loop import Schedule, Trainee, train_epoch
 from cifar_exp.models import ConvNet
@@ -64,6 +64,22 @@ def test_bench_variants_keep_the_process_threads_unless_they_set_their_own(cifar
         "naive": threads,
         "defaults": threads,
     }
+
+
+def test_bench_is_quick_unless_asked_for_the_full_run(monkeypatch):
+    monkeypatch.delenv("CIFAR_DATA", raising=False)
+
+    def chosen(*argv: str) -> tuple[list[str], int | None]:
+        args = parse_args(list(argv))
+        return args.names, compose_train(*args.overrides).data.limit_train
+
+    assert chosen() == (QUICK, QUICK_IMAGES)
+    assert chosen("--full") == (list(VARIANTS), None)
+    assert chosen("--variants", "compile", "data.limit_train=256") == (
+        ["naive", "defaults", "compile"],
+        256,
+    )  # the command line's limit wins
+    assert chosen("--full", "--variants", "bf16") == (["naive", "defaults", "bf16"], None)
 
 
 def test_bench_refuses_an_unknown_variant():

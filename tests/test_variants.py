@@ -40,7 +40,7 @@ def norm(c: int) -> int:
     return 2 * c  # scale and shift per channel
 
 
-# sep_wide's parameters counted by hand from conf/model/sep_wide.yaml, layer by layer.
+# sep_wide's parameters counted by hand from cifar_exp/conf/model/sep_wide.yaml, layer by layer.
 SEP_WIDE_PARAMS = sum([
     conv(3, 3, 32), norm(32), conv(3, 32, 64), norm(64), conv(1, 64, 64),          # block 1
     depthwise(64), conv(1, 64, 96), norm(96), depthwise(96), conv(1, 96, 128), norm(128),
