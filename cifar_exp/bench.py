@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from torch.profiler import ProfilerActivity
 
-from cifar_exp import CONF_DIR
+from cifar_exp import CONF_DIR, profiling
 from cifar_exp.builder import Training, build
 from cifar_exp.compute import seed_everything
 from cifar_exp.errors import exit_on_user_error
@@ -158,13 +157,11 @@ def profile(contestants: dict[str, Contestant], steps: int) -> None:
     for name, (training, threads) in contestants.items():
         torch.set_num_threads(threads)
         timed_epoch(training, 3)
-        on_gpu = training.trainee.compute.device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu
-        with torch.profiler.profile(activities=activities) as profiler:
+        device = training.trainee.compute.device
+        with torch.profiler.profile(activities=profiling.activities(device)) as profiler:
             timed_epoch(training, steps)
         print(f"== {name}: {steps} steps", flush=True)
-        sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-        print(profiler.key_averages().table(sort_by=sort_by, row_limit=15), flush=True)
+        print(profiling.operator_table(profiler, rows=15), flush=True)
 
 
 def table(report: dict) -> str:

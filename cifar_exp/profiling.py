@@ -13,15 +13,19 @@ from torch.profiler import ProfilerActivity
 SKIPPED, WARMUP = 1, 1
 
 
+def activities(device: torch.device) -> list[ProfilerActivity]:
+    """What to trace on `device`: the CPU, and the GPU's kernels on a CUDA device."""
+    return [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
+
+
 def steps_profiler(
     steps: int, device: torch.device, on_ready: Callable[[torch.profiler.profile], None]
 ) -> torch.profiler.profile:
     """A profiler of training steps SKIPPED + WARMUP + 1 to + `steps` (the loop calls its
     `step()` after each training step); `on_ready` gets it once they are recorded, or when it
     stops before (an epoch with fewer steps)."""
-    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
     return torch.profiler.profile(
-        activities=activities,
+        activities=activities(device),
         schedule=torch.profiler.schedule(wait=SKIPPED, warmup=WARMUP, active=steps, repeat=1),
         on_trace_ready=on_ready,
         record_shapes=True,
