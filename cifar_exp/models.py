@@ -102,6 +102,10 @@ class ConvNet(nn.Module):
     `transition` is {type: <default type>} plus optional per-type geometry for every block.
     `whiten`: the first convolution's filters are frozen at a whitening of the training
     images' patches (`whiten_first_layer`), after airbench; the parameter count is unchanged.
+    `identity_init`: every full convolution with at least as many filters as input channels
+    starts with its first filters passing the inputs through (`nn.init.dirac_`), the others
+    at PyTorch's random init, after airbench; a trained-from-scratch network then starts
+    close to a shallow one, which speeds up short runs.
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class ConvNet(nn.Module):
         dropout: float = 0.0,
         transition: Mapping[str, Any] | None = None,
         whiten: bool = False,
+        identity_init: bool = False,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -147,6 +152,11 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Conv2d(ch, num_classes, 1)
+        if identity_init:
+            for conv in self.features.modules():
+                full = isinstance(conv, nn.Conv2d) and conv.groups == 1
+                if full and conv.out_channels >= conv.in_channels:
+                    nn.init.dirac_(conv.weight[: conv.in_channels])
         self.whiten = whiten
         if whiten:
             first = self.features[0][0]

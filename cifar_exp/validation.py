@@ -129,6 +129,7 @@ class Model(Section):
     num_classes: PositiveInt = 10
     dropout: float = Field(default=0.0, ge=0, lt=1)
     whiten: bool = False
+    identity_init: bool = False
 
 
 class NormAndBias(Section):

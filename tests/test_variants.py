@@ -187,6 +187,36 @@ def test_dilated_nostride_shrinks_the_map_by_the_dilation():
     assert sizes == [22, 12, 2]  # 2 * dilation less each time
 
 
+def test_identity_init_passes_inputs_through_the_first_filters_and_keeps_the_rest():
+    torch.manual_seed(0)
+    plain = build()
+    torch.manual_seed(0)
+    model = build("model.identity_init=true")
+    assert budget.count_parameters(model) == budget.count_parameters(plain) == 180_298
+    pairs = [
+        (conv, before)
+        for conv, before in zip(model.features.modules(), plain.features.modules(), strict=True)
+        if isinstance(conv, torch.nn.Conv2d)
+    ]
+    identities = 0
+    for conv, before in pairs:
+        cin = conv.in_channels
+        if conv.groups == 1 and conv.out_channels >= cin:
+            x = torch.randn(2, cin, 9, 9)
+            same = [d * (k // 2) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+            passed = torch.nn.functional.conv2d(
+                x, conv.weight[:cin], padding=same, dilation=conv.dilation
+            )
+            assert torch.equal(passed, x)
+            assert torch.equal(conv.weight[cin:], before.weight[cin:])  # random, as without
+            identities += 1
+        else:  # fewer filters than inputs, or depthwise: left as PyTorch initialised them
+            assert torch.equal(conv.weight, before.weight)
+    # The seed network: 3->32, 32->32 and 32->64 (three each), the separable 1x1 32->64 and
+    # the last transition, 64->64.
+    assert identities == 9, identities
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
