@@ -132,6 +132,9 @@ class MuonForFilters(torch.optim.Optimizer):
     `weight_decay` and `rest_options`) for the others: norm layers and biases. Muon takes only
     2-D parameters, so it is given 2-D views of the filters, whose gradients are the filters'
     gradients seen the same way; its in-place updates of the views update the filters.
+    Unless `muon_output_layer`, the output layer (the last parameter of two or more dimensions
+    in the order given, the model's) goes to `rest` too, as Muon's authors advise: Muon is for
+    hidden layers.
 
     Its param_groups are the two optimizers' own, so a learning-rate scheduler scales both,
     each from its own peak; a group of the given params keeps its lr and weight decay for its
@@ -145,20 +148,25 @@ class MuonForFilters(torch.optim.Optimizer):
         lr: float,
         weight_decay: float = 0.0,
         filters: Mapping[str, Any] | None = None,
+        muon_output_layer: bool = True,
         **rest_options: Any,
     ) -> None:
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
+        hidden = [p for group in groups for p in group["params"] if p.ndim >= 2]
+        if hidden and not muon_output_layer:
+            hidden.pop()
+        hidden_ids = {id(p) for p in hidden}
         self.matrices: list[tuple[nn.Parameter, torch.Tensor]] = []
         muon_params, rest_groups = [], []
         for group in groups:
             for p in group["params"]:
-                if p.ndim >= 2:
+                if id(p) in hidden_ids:
                     matrix = nn.Parameter(as_matrix(p.detach()))
                     self.matrices.append((matrix, p))
                     muon_params.append(matrix)
-            others = [p for p in group["params"] if p.ndim < 2]
+            others = [p for p in group["params"] if id(p) not in hidden_ids]
             if others:
                 rest_groups.append({**group, "params": others})
         # Either may have nothing to train (a network without norm layers or biases).

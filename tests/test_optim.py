@@ -192,12 +192,12 @@ def test_whitening_needs_room_for_two_filters_per_patch_dimension():
         ConvNet([{"convs": [64], "transition": {"channels": 16}}], whiten=True)
 
 
-def muon_setup(channels_last: bool):
+def muon_setup(channels_last: bool, *overrides: str):
     torch.manual_seed(0)
     model = ConvNet(TINY_BLOCKS)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cfg = compose_train("optimizer=muon", "optimizer.lr=0.1", "optimizer.nesterov=true")
+    cfg = compose_train("optimizer=muon", "optimizer.lr=0.1", "optimizer.nesterov=true", *overrides)
     groups = param_groups(model, 0.1, 5e-4, lr_scale=2.0, norm_and_bias_decay=0.0)
     return model, instantiate(cfg.optimizer)(groups)
 
@@ -221,6 +221,20 @@ def test_muon_updates_the_filters_as_matrices_and_sgd_the_rest(channels_last):
             torch.testing.assert_close(p.detach(), before[name] - 0.2 * 1.9 * grads[name])
     optimizer.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_muon_can_leave_the_output_layer_to_sgd():
+    model, optimizer = muon_setup(False, "optimizer.muon_output_layer=false")
+    head = model.classifier.weight
+    assert [filters for _, filters in optimizer.matrices] == [
+        p for p in model.parameters() if p.ndim >= 2 and p is not head
+    ]
+    before = head.detach().clone()
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
+    grad = head.grad.clone()
+    optimizer.step()
+    # SGD at the weights' group's lr (optimizer.lr, 0.1) and decay (optimizer.weight_decay, 0)
+    torch.testing.assert_close(head.detach(), before - 0.1 * 1.9 * grad)
 
 
 def test_muon_views_share_the_filters_memory_and_a_scheduler_drives_both_optimizers():
