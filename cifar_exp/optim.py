@@ -154,19 +154,19 @@ class MuonForFilters(torch.optim.Optimizer):
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
-        hidden = [p for group in groups for p in group["params"] if p.ndim >= 2]
-        if hidden and not muon_output_layer:
-            hidden.pop()
-        hidden_ids = {id(p) for p in hidden}
+        to_muon = [p for group in groups for p in group["params"] if p.ndim >= 2]
+        if to_muon and not muon_output_layer:
+            to_muon.pop()  # the output layer: the last matrix in the model's order
+        muon_ids = {id(p) for p in to_muon}
         self.matrices: list[tuple[nn.Parameter, torch.Tensor]] = []
         muon_params, rest_groups = [], []
         for group in groups:
             for p in group["params"]:
-                if id(p) in hidden_ids:
+                if id(p) in muon_ids:
                     matrix = nn.Parameter(as_matrix(p.detach()))
                     self.matrices.append((matrix, p))
                     muon_params.append(matrix)
-            others = [p for p in group["params"] if id(p) not in hidden_ids]
+            others = [p for p in group["params"] if id(p) not in muon_ids]
             if others:
                 rest_groups.append({**group, "params": others})
         # Either may have nothing to train (a network without norm layers or biases).
