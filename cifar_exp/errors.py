@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ class TrainingDiverged(UserError):
 
 
 EXPECTED = (UserError, InstantiationException, OmegaConfBaseException)
+UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,11 @@ def call_factory(key: str, factory: Callable, *args: Any, **kwargs: Any) -> Any:
     try:
         return factory(*args, **kwargs)
     except (ValueError, TypeError) as err:
-        raise UserError(f"{key}: {factory.func.__qualname__} rejected its config: {err}") from err
+        message = f"{key}: {factory.func.__qualname__} rejected its config: {err}"
+        # A key that another option (or a preset written for one) set: say how to drop it.
+        if unexpected := UNEXPECTED_KEYWORD.search(str(err)):
+            message += f"; drop it with ~{key}.{unexpected[1]}, or choose an option that takes it"
+        raise UserError(message) from err
 
 
 def debugging() -> bool:

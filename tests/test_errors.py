@@ -101,6 +101,7 @@ def test_the_gate_refuses_values_that_would_fail_late(overrides, expected):
     ("overrides", "expected"),
     [
         (["optimizer.momentum=-1"], "optimizer: SGD rejected its config"),
+        (["experiment=s9_fast", "optimizer=sgd"], "drop it with ~optimizer.filters"),
         (["model.transition.type=dilated_nostride",
           "+model.transition.dilated_nostride.dilation=9"],
          "the network cannot run on 3x32x32 images"),
