@@ -165,7 +165,8 @@ class ConvNet(nn.Module):
                 raise ValueError(
                     f"model.whiten needs a first convolution with an even number of filters, "
                     f"at most {2 * patch} (two per patch dimension); it has "
-                    f"{first.out_channels}{' and is depthwise' if first.groups != 1 else ''}"
+                    f"{first.out_channels}{' and is depthwise' if first.groups != 1 else ''}: "
+                    "set model.whiten=false to train it from a random start"
                 )
             first.weight.requires_grad_(False)
 

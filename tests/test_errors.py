@@ -52,7 +52,8 @@ def assert_refused(proc, expected: str, run_dir: Path | None = None, code: int |
         (["trainer.precision=fp8"], "trainer.precision='fp8': Input should be 'auto', 'fp32'"),
         (["trainer.label_smoothing=1"], "trainer.label_smoothing=1: Input should be less than 1"),
         (["scheduler.interval=batch"], "scheduler.interval='batch': Input should be 'epoch' or"),
-        (["augment.cutout_size=40"], "augment.cutout_size=40 is larger than the 32-pixel images"),
+        (["augment.cutout_p=0.5", "augment.cutout_size=40"],
+         "augment.cutout_size=40 is larger than the 32-pixel images"),
         (["augment.flip_p=2"], "augment.flip_p=2 is a probability: choose it in [0, 1]"),
     ],
 )  # fmt: skip

@@ -8,6 +8,7 @@ import torchinfo
 from conftest import compose_train
 from hydra.utils import instantiate
 
+from cifar_exp import budget
 from cifar_exp.models import ConvNet
 
 # (layer type, output shape without the batch) of every row of ../shared/seed/README.md's table.
@@ -53,7 +54,12 @@ def leaf_layers(model: torch.nn.Module) -> list[torchinfo.layer_info.LayerInfo]:
 
 
 def test_seed_parameter_count(seed_net):
-    assert sum(p.numel() for p in seed_net.parameters() if p.requires_grad) == 180_298
+    # The default s9 freezes its first layer at a whitening (model.whiten): 864 of the
+    # seed's parameters, still counted; without it every parameter trains, as in the seed.
+    assert budget.count_parameters(seed_net) == 180_298
+    assert sum(p.numel() for p in seed_net.parameters() if p.requires_grad) == 180_298 - 864
+    trained = instantiate(compose_train("model=s9", "model.whiten=false").model)
+    assert sum(p.numel() for p in trained.parameters() if p.requires_grad) == 180_298
 
 
 def test_seed_layer_types_and_output_shapes_match_the_table(seed_net):
