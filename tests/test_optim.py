@@ -192,7 +192,7 @@ def test_whitened_first_layer_decorrelates_patches_and_is_frozen(cifar_root, cac
 
 
 def test_whitening_needs_room_for_two_filters_per_patch_dimension():
-    with pytest.raises(ValueError, match="model.whiten"):
+    with pytest.raises(ValueError, match="at most 54 .*: set model.whiten=false"):
         ConvNet([{"convs": [64], "transition": {"channels": 16}}], whiten=True)
 
 
