@@ -30,7 +30,7 @@ def test_param_groups_get_the_decay_and_learning_rates_the_config_says(cifar_roo
     assert (weights["initial_lr"], weights["weight_decay"]) == (0.05, 0.001)
     assert (norm_and_bias["initial_lr"], norm_and_bias["weight_decay"]) == (0.4, 0.0)
     # Every trainable parameter in exactly one group: the filters in the first, the rest
-    # (BatchNorm scales and shifts; the seed network's convolutions have no biases) in the other.
+    # (BatchNorm scales and shifts, the convolutions' biases) in the other.
     named = {n: p for n, p in trainee.model.named_parameters() if p.requires_grad}
     assert len(named) == len(list(trainee.model.parameters())) - 1  # the whitened first layer
     ids = {id(p): name for name, p in named.items()}
@@ -43,7 +43,7 @@ def test_param_groups_get_the_decay_and_learning_rates_the_config_says(cifar_roo
 def test_one_group_when_norm_and_bias_train_like_the_rest(cifar_root, cache_dir):
     cfg = compose_train(
         *data_overrides(cifar_root, cache_dir, train=100, test=20),
-        "param_groups.norm_and_bias.weight_decay=null",  # the default: none on them
+        "param_groups.norm_and_bias.weight_decay=null",  # decay them like the rest (default: 0)
     )
     assert len(build(cfg, validate(cfg)).trainee.optimizer.param_groups) == 1
 
