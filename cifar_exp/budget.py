@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from cifar_exp.errors import UserError
+from cifar_exp.models import GLOBAL_POOLS, SPATIAL, Residual, window
 
 if TYPE_CHECKING:
     from cifar_exp.validation import Budget
 
-# Layers that move the receptive field: everything else (norms, activations, dropout) keeps it.
-SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
-GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+GLOBAL = tuple(GLOBAL_POOLS.values())
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -26,18 +25,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def first(value: int | tuple[int, ...]) -> int:
-    """The height entry of a kernel/stride/dilation (the networks here are square)."""
-    return value[0] if isinstance(value, tuple) else value
-
-
 def spatial_layers(model: nn.Module, image_shape: tuple[int, int, int]) -> list[nn.Module]:
-    """The convolutions and pools in the order a forward pass runs them, up to global pooling."""
+    """The convolutions, pools and Residual blocks in the order a forward pass enters them, up
+    to global pooling: a Residual before the layers inside it."""
     order: list[nn.Module] = []
     hooks = [
-        m.register_forward_hook(lambda module, _inputs, _output: order.append(module))
+        m.register_forward_pre_hook(lambda module, _inputs: order.append(module))
         for m in model.modules()
-        if isinstance(m, SPATIAL + GLOBAL_POOLS)
+        if isinstance(m, (*SPATIAL, *GLOBAL, Residual))
     ]
     was_training = model.training
     try:
@@ -55,7 +50,7 @@ def spatial_layers(model: nn.Module, image_shape: tuple[int, int, int]) -> list[
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    global_at = next((i for i, m in enumerate(order) if isinstance(m, GLOBAL_POOLS)), len(order))
+    global_at = next((i for i, m in enumerate(order) if isinstance(m, GLOBAL)), len(order))
     return order[:global_at]
 
 
@@ -63,16 +58,11 @@ def receptive_field(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
     """Side in input pixels of the region one unit of the last map before global pooling sees.
 
     Each layer widens it by (effective kernel - 1) times the product of the strides before it,
-    where a dilated kernel's effective size is dilation * (kernel - 1) + 1. Padding and the
-    image's edges are not counted, so it may exceed the image.
+    where a dilated kernel's effective size is dilation * (kernel - 1) + 1; a Residual block
+    widens it as its deepest path does. Padding and the image's edges are not counted, so it
+    may exceed the image.
     """
-    field, jump = 1, 1
-    for layer in spatial_layers(model, image_shape):
-        kernel, stride = first(layer.kernel_size), first(layer.stride)
-        dilation = first(getattr(layer, "dilation", 1))  # AvgPool2d has none
-        field += dilation * (kernel - 1) * jump
-        jump *= stride
-    return field
+    return window(spatial_layers(model, image_shape)).growth + 1
 
 
 def enforce(model: nn.Module, limits: Budget, image_shape: tuple[int, int, int]) -> tuple[int, int]:

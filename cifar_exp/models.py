@@ -1,12 +1,14 @@
 """Convolutional networks described as a list of blocks, so that a variant is a YAML file.
 
 A block is a few 3x3 convolutions (each conv -> activation -> norm -> dropout, the seed's order)
-followed by a transition with no activation, which changes resolution and width.
+followed by a transition with no activation, which changes resolution and width. A block, or a
+group of its convolutions, may add its input to its output (`Residual`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,9 +31,15 @@ TRANSITIONS: dict[str, dict[str, int]] = {
     "conv": {"kernel_size": 3, "stride": 1, "dilation": 1, "padding": 1},
 }
 
-BLOCK_KEYS = {"convs", "transition", "dropout", "separable"}
-CONV_KEYS = {"channels", "separable"}
+BLOCK_KEYS = {"convs", "transition", "dropout", "separable", "residual"}
+CONV_KEYS = {"channels", "separable", "pool"}
 TRANSITION_KEYS = {"channels", "type", *TRANSITIONS}
+GLOBAL_POOLS: dict[str, type[nn.Module]] = {
+    "avg": nn.AdaptiveAvgPool2d,
+    "max": nn.AdaptiveMaxPool2d,
+}
+# Layers that move the receptive field: everything else (norms, activations, dropout) keeps it.
+SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -47,8 +55,10 @@ def conv_unit(
     norm: Callable[[int], nn.Module],
     activation: str,
     dropout: float,
+    pool: int = 0,
 ) -> nn.Sequential:
-    """A padded 3x3 convolution (or depthwise 3x3 + pointwise 1x1), activation, norm, dropout."""
+    """A padded 3x3 convolution (or depthwise 3x3 + pointwise 1x1), a `pool` x `pool` max-pool
+    if `pool`, activation, norm, dropout."""
     if separable:
         conv = [
             nn.Conv2d(in_ch, in_ch, 3, padding=1, groups=in_ch),
@@ -56,6 +66,8 @@ def conv_unit(
         ]
     else:
         conv = [nn.Conv2d(in_ch, out_ch, 3, padding=1)]
+    if pool:  # before the activation: max-pooling commutes with it, on a quarter of the pixels
+        conv.append(nn.MaxPool2d(pool))
     layers = [*conv, ACTIVATIONS[activation](), norm(out_ch)]
     if dropout > 0:
         layers.append(nn.Dropout(dropout))
@@ -88,16 +100,140 @@ def check_keys(where: str, spec: Mapping[str, Any], allowed: set[str]) -> None:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
 
 
+def first(value: int | tuple[int, ...]) -> int:
+    """The height entry of a kernel/stride/dilation (the networks here are square)."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a stack of layers reads along one axis: output i is centred on input pixel
+    `offset + stride * i` and sees `growth + 1` pixels (padding and the image's edges aside)."""
+
+    growth: int = 0
+    stride: int = 1
+    offset: int = 0
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> Window:
+        """One convolution's or pool's window."""
+        span = first(getattr(layer, "dilation", 1)) * (first(layer.kernel_size) - 1)
+        padding = layer.padding
+        if isinstance(padding, str):  # Conv2d's "same" or "valid"
+            padding = span // 2 if padding == "same" else 0
+        return cls(span, first(layer.stride), span // 2 - first(padding))
+
+    def then(self, after: Window) -> Window:
+        """This window followed by `after`'s, whose pixels are this one's outputs."""
+        return Window(
+            self.growth + after.growth * self.stride,
+            self.stride * after.stride,
+            self.offset + after.offset * self.stride,
+        )
+
+
+def window(layers: Iterable[nn.Module]) -> Window:
+    """The window of the convolutions and pools among `layers`, run in the order given. A
+    Residual counts as one layer (its own window); the modules inside it are skipped."""
+    total, inside = Window(), set()
+    for layer in layers:
+        if layer in inside:
+            continue
+        if isinstance(layer, Residual):
+            inside.update(layer.modules())
+            total = total.then(layer.window)
+        elif isinstance(layer, SPATIAL):
+            total = total.then(Window.of(layer))
+    return total
+
+
+class Residual(nn.Module):
+    """`body(x) + shortcut(x)`: the shortcut is the identity, or, where the body changes the
+    width or the map (stride, or a shift from unpadded or dilated layers), a 1x1 convolution
+    with the body's stride and a norm, reading the input pixel at the centre of each output's
+    window (ResNet's projection shortcut). The sum is not followed by an activation: the
+    identity path stays clean, as in pre-activation ResNets, while each convolution keeps the
+    seed's conv -> activation -> norm order.
+    """
+
+    def __init__(
+        self, body: nn.Sequential, in_ch: int, out_ch: int, norm: Callable[[int], nn.Module]
+    ) -> None:
+        super().__init__()
+        self.body = body
+        body_window = window(body.modules())
+        if body_window.offset < 0:
+            raise ValueError(
+                "residual: the layers pad more than half their kernel, so the skip cannot "
+                "line up with their outputs; lower the transition's padding"
+            )
+        self.offset = body_window.offset
+        reshaped = in_ch != out_ch or body_window.stride > 1 or body_window.offset > 0
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=body_window.stride, bias=False),
+                          norm(out_ch))
+            if reshaped
+            else nn.Identity()
+        )  # fmt: skip
+        # The 1x1 skip sees one pixel, never more than the body: the deepest path sets the field.
+        self.window = body_window
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.body(x)
+        skip = self.shortcut(x[..., self.offset :, self.offset :])
+        return out + skip[..., : out.shape[-2], : out.shape[-1]]
+
+
+def conv_layers(
+    specs: Sequence[Any],
+    in_ch: int,
+    where: str,
+    norm: Callable[[int], nn.Module],
+    separable: bool,
+    **unit: Any,
+) -> tuple[list[nn.Module], int]:
+    """The modules of a block's `convs` entries from `in_ch` channels, and their output width.
+    An entry {residual: [entries]} is a group whose input is added to its output; `separable`
+    is the entries' default, `unit` conv_unit's other settings."""
+    layers: list[nn.Module] = []
+    for spec in specs:
+        if not isinstance(spec, Mapping):
+            spec = {"channels": int(spec)}
+        if "residual" in spec:
+            check_keys(where, spec, {"residual"})
+            group, out_ch = conv_layers(spec["residual"], in_ch, where, norm, separable, **unit)
+            layers.append(Residual(nn.Sequential(*group), in_ch, out_ch, norm))
+        else:
+            check_keys(where, spec, CONV_KEYS)
+            out_ch = spec["channels"]
+            layers.append(
+                conv_unit(
+                    in_ch,
+                    out_ch,
+                    norm=norm,
+                    pool=spec.get("pool", 0),
+                    separable=bool(spec.get("separable", separable)),
+                    **unit,
+                )  # fmt: skip
+            )
+        in_ch = out_ch
+    return layers, in_ch
+
+
 class ConvNet(nn.Module):
-    """Blocks of convolutions, global average pooling and a 1x1 convolution to the classes.
+    """Blocks of convolutions, global pooling and a 1x1 convolution to the classes.
 
     Each entry of `blocks` is a mapping with
       convs: channels of each convolution; an entry may be a mapping
-             {channels: C, separable: true} for a depthwise-separable one;
-      transition: {channels: C} and optionally `type` (one of TRANSITIONS; default the
-             model's `transition.type`) and per-type geometry, e.g. {dilated: {padding: 2}};
+             {channels: C, separable: true, pool: 2} for a depthwise-separable one and/or
+             one followed by a 2x2 max-pool, or {residual: [entries]} for a group of
+             convolutions whose input is added to their output (`Residual`);
+      transition (optional): {channels: C} and optionally `type` (one of TRANSITIONS; default
+             the model's `transition.type`) and per-type geometry, e.g. {dilated: {padding: 2}};
+      residual: true adds the block's input to its output (after the transition);
       dropout: this block's rate, in place of the model's (0 leaves the module out);
       separable: the default for the block's convolutions.
+    `global_pool`: avg or max, over the last map before the classifier.
     `norm` makes the norm layer for a number of channels (cifar_exp/conf/model/norm/<option>.yaml);
     `transition` is {type: <default type>} plus optional per-type geometry for every block.
     `whiten`: the first convolution's filters are frozen at a whitening of the training
@@ -119,6 +255,7 @@ class ConvNet(nn.Module):
         transition: Mapping[str, Any] | None = None,
         whiten: bool = False,
         identity_init: bool = False,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -127,30 +264,29 @@ class ConvNet(nn.Module):
             )
         model_transition = {"type": "dilated", **(transition or {})}
         check_keys("model.transition", model_transition, {"type", *TRANSITIONS})
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(
+                f"unknown global_pool {global_pool!r}; choose one of {', '.join(GLOBAL_POOLS)}"
+            )
         stages: list[nn.Module] = []
         ch = in_channels
         for i, block in enumerate(blocks):
-            check_keys(f"model.blocks[{i}]", block, BLOCK_KEYS)
-            for spec in block["convs"]:
-                if not isinstance(spec, Mapping):
-                    spec = {"channels": int(spec)}
-                check_keys(f"model.blocks[{i}].convs", spec, CONV_KEYS)
-                stages.append(
-                    conv_unit(
-                        ch,
-                        spec["channels"],
-                        separable=bool(spec.get("separable", block.get("separable", False))),
-                        norm=norm,
-                        activation=activation,
-                        dropout=block.get("dropout", dropout),
-                    )
-                )
-                ch = spec["channels"]
-            check_keys(f"model.blocks[{i}].transition", block["transition"], TRANSITION_KEYS)
-            stages.append(transition_layer(ch, block["transition"], model_transition))
-            ch = block["transition"]["channels"]
+            where = f"model.blocks[{i}]"
+            check_keys(where, block, BLOCK_KEYS)
+            layers, out_ch = conv_layers(
+                block["convs"], ch, f"{where}.convs", norm, block.get("separable", False),
+                activation=activation, dropout=block.get("dropout", dropout),
+            )  # fmt: skip
+            if "transition" in block:
+                check_keys(f"{where}.transition", block["transition"], TRANSITION_KEYS)
+                layers.append(transition_layer(out_ch, block["transition"], model_transition))
+                out_ch = block["transition"]["channels"]
+            if block.get("residual", False):
+                layers = [Residual(nn.Sequential(*layers), ch, out_ch, norm)]
+            stages += layers
+            ch = out_ch
         self.features = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GLOBAL_POOLS[global_pool](1)
         self.classifier = nn.Conv2d(ch, num_classes, 1)
         if identity_init:
             for conv in self.features.modules():
@@ -159,16 +295,21 @@ class ConvNet(nn.Module):
                     nn.init.dirac_(conv.weight[: conv.in_channels])
         self.whiten = whiten
         if whiten:
-            first = self.features[0][0]
-            patch = first.in_channels * first.kernel_size[0] * first.kernel_size[1]
-            if first.groups != 1 or first.out_channels % 2 or first.out_channels > 2 * patch:
+            stem = self.stem
+            patch = stem.in_channels * stem.kernel_size[0] * stem.kernel_size[1]
+            if stem.groups != 1 or stem.out_channels % 2 or stem.out_channels > 2 * patch:
                 raise ValueError(
                     f"model.whiten needs a first convolution with an even number of filters, "
                     f"at most {2 * patch} (two per patch dimension); it has "
-                    f"{first.out_channels}{' and is depthwise' if first.groups != 1 else ''}: "
+                    f"{stem.out_channels}{' and is depthwise' if stem.groups != 1 else ''}: "
                     "set model.whiten=false to train it from a random start"
                 )
-            first.weight.requires_grad_(False)
+            stem.weight.requires_grad_(False)
+
+    @property
+    def stem(self) -> nn.Conv2d:
+        """The first convolution the input meets."""
+        return next(m for m in self.features.modules() if isinstance(m, nn.Conv2d))
 
     @torch.no_grad()
     def whiten_first_layer(self, images: Tensor, eps: float = 5e-4) -> None:
@@ -177,9 +318,9 @@ class ConvNet(nn.Module):
         scaled by 1/sqrt(eigenvalue + eps), and their negatives. Its outputs are decorrelated
         patch components of unit variance, and the activation keeps both signs of them.
         """
-        first = self.features[0][0]
-        kernel, half = first.kernel_size, first.out_channels // 2
-        dim = first.in_channels * kernel[0] * kernel[1]
+        stem = self.stem
+        kernel, half = stem.kernel_size, stem.out_channels // 2
+        dim = stem.in_channels * kernel[0] * kernel[1]
         moment, total, count = (
             torch.zeros(dim, dim, dtype=torch.float64),
             torch.zeros(dim, dtype=torch.float64),
@@ -193,8 +334,8 @@ class ConvNet(nn.Module):
         mean = total / count
         values, vectors = torch.linalg.eigh(moment / count - torch.outer(mean, mean))
         filters = (vectors[:, -half:] / (values[-half:] + eps).sqrt()).T
-        filters = torch.cat([filters, -filters]).reshape(first.weight.shape)
-        first.weight.copy_(filters.to(first.weight))
+        filters = torch.cat([filters, -filters]).reshape(stem.weight.shape)
+        stem.weight.copy_(filters.to(stem.weight))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x))).flatten(1)
