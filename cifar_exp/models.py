@@ -201,10 +201,15 @@ def conv_layers(
             spec = {"channels": int(spec)}
         if "residual" in spec:
             check_keys(where, spec, {"residual"})
+            if not spec["residual"]:
+                raise ValueError(f"{where}: an empty residual group; give it convolutions")
             group, out_ch = conv_layers(spec["residual"], in_ch, where, norm, separable, **unit)
             layers.append(Residual(nn.Sequential(*group), in_ch, out_ch, norm))
         else:
             check_keys(where, spec, CONV_KEYS)
+            pool = spec.get("pool", 0)
+            if not isinstance(pool, int) or pool < 0:
+                raise ValueError(f"{where}: pool={pool!r}; give the max-pool's size, e.g. 2")
             out_ch = spec["channels"]
             layers.append(
                 conv_unit(
@@ -281,6 +286,8 @@ class ConvNet(nn.Module):
                 check_keys(f"{where}.transition", block["transition"], TRANSITION_KEYS)
                 layers.append(transition_layer(out_ch, block["transition"], model_transition))
                 out_ch = block["transition"]["channels"]
+            if block.get("residual", False) not in (True, False):
+                raise ValueError(f"{where}: residual={block['residual']!r}; true or false")
             if block.get("residual", False):
                 layers = [Residual(nn.Sequential(*layers), ch, out_ch, norm)]
             stages += layers

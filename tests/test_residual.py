@@ -215,9 +215,23 @@ def test_whiten_and_identity_init_find_the_first_convolution_inside_a_residual_g
     torch.testing.assert_close(second.weight[:, :, 1, 1], torch.eye(24))
 
 
-def test_a_misspelt_residual_group_key_is_refused():
-    with pytest.raises(ValueError, match=r"unknown keys \['channels'\]"):
-        ConvNet([{"convs": [{"residual": [8], "channels": 8}]}])
+@pytest.mark.parametrize(
+    ("blocks", "expected"),
+    [
+        ([{"convs": [{"residual": [8], "channels": 8}]}], r"unknown keys \['channels'\]"),
+        ([{"convs": [8, {"residual": []}]}], "an empty residual group"),
+        ([{"convs": [{"channels": 8, "pool": "2x"}]}], "pool='2x'; give the max-pool's size"),
+        ([{"convs": [8], "residual": "yes"}], "residual='yes'; true or false"),
+    ],
+)
+def test_a_wrong_residual_or_pool_entry_is_refused(blocks, expected):
+    with pytest.raises(ValueError, match=expected):
+        ConvNet(blocks)
+
+
+def test_an_unknown_global_pool_is_refused():
+    with pytest.raises(ValueError, match="unknown global_pool 'mean'; choose one of avg, max"):
+        ConvNet([{"convs": [8]}], global_pool="mean")
 
 
 def test_a_residual_network_over_budget_stops_before_loading_data(tmp_path):
