@@ -216,10 +216,10 @@ def conv_layers(
                     in_ch,
                     out_ch,
                     norm=norm,
-                    pool=spec.get("pool", 0),
+                    pool=pool,
                     separable=bool(spec.get("separable", separable)),
                     **unit,
-                )  # fmt: skip
+                )
             )
         in_ch = out_ch
     return layers, in_ch
