@@ -167,7 +167,6 @@ class Residual(nn.Module):
                 "residual: the layers pad more than half their kernel, so the skip cannot "
                 "line up with their outputs; lower the transition's padding"
             )
-        self.offset = body_window.offset
         reshaped = in_ch != out_ch or body_window.stride > 1 or body_window.offset > 0
         self.shortcut = (
             nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=body_window.stride, bias=False),
@@ -180,7 +179,8 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.body(x)
-        skip = self.shortcut(x[..., self.offset :, self.offset :])
+        start = self.window.offset
+        skip = self.shortcut(x[..., start:, start:])
         return out + skip[..., : out.shape[-2], : out.shape[-1]]
 
 

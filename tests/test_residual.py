@@ -109,7 +109,8 @@ def test_skips_are_identities_only_where_nothing_changes():
     residuals = [m for m in network().modules() if isinstance(m, Residual)]
     shortcuts = [type(m.shortcut).__name__ for m in residuals]
     assert shortcuts == ["Identity", "Sequential", "Sequential"]
-    assert [m.offset for m in residuals] == [0, 1, 0]  # the dilated window's centre is pixel 1
+    # the dilated window is centred on pixel 1
+    assert [m.window.offset for m in residuals] == [0, 1, 0]
 
 
 def test_the_skip_reads_the_input_pixel_at_the_centre_of_each_output_window():
