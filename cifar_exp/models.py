@@ -208,7 +208,8 @@ def conv_layers(
         else:
             check_keys(where, spec, CONV_KEYS)
             pool = spec.get("pool", 0)
-            if not isinstance(pool, int) or pool < 0:
+            # a bool is an int to Python, and `pool: true` would be a 1x1 pool that does nothing
+            if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
                 raise ValueError(f"{where}: pool={pool!r}; give the max-pool's size, e.g. 2")
             out_ch = spec["channels"]
             layers.append(

@@ -222,6 +222,7 @@ def test_whiten_and_identity_init_find_the_first_convolution_inside_a_residual_g
         ([{"convs": [{"residual": [8], "channels": 8}]}], r"unknown keys \['channels'\]"),
         ([{"convs": [8, {"residual": []}]}], "an empty residual group"),
         ([{"convs": [{"channels": 8, "pool": "2x"}]}], "pool='2x'; give the max-pool's size"),
+        ([{"convs": [{"channels": 8, "pool": True}]}], "pool=True; give the max-pool's size"),
         ([{"convs": [8], "residual": "yes"}], "residual='yes'; true or false"),
     ],
 )
