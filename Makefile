@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install constraints train bench gpu-check test lint format clean
+.PHONY: help install constraints train bench gpu-check test test-quick lint format clean
 
 # make help: every target below with its description (the text after "##" on its line)
 help: ## list the targets and what each does
@@ -37,16 +37,21 @@ gpu-check: $(INSTALLED) ## check and measure training on a CUDA GPU (ARGS="--dat
 	$(PY) -m cifar_exp.gpucheck $(ARGS)
 
 # make test ARGS="-k data"  (CIFAR_DATA=<unpacked folder tree> skips unpacking ../shared/data)
-test: $(INSTALLED) lint ## ruff, then pytest $(ARGS)
+test: $(INSTALLED) lint ## the lint, then every test: pytest $(ARGS) (what CI runs)
 	$(PY) -m pytest $(ARGS)
 
-lint: $(INSTALLED) ## ruff check and ruff format --check
-	$(VENV)/bin/ruff check cifar_exp tests tools
-	$(VENV)/bin/ruff format --check cifar_exp tests tools
+# The edit loop: the tests not marked slow (those that train or run a command for seconds)
+test-quick: $(INSTALLED) lint ## the lint, then the tests not marked slow (under 3 minutes)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: $(INSTALLED) ## ruff check, ruff format --check, and the import layers (lint-imports)
+	$(VENV)/bin/ruff check cifar_exp conf tests tools
+	$(VENV)/bin/ruff format --check cifar_exp conf tests tools
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(INSTALLED) ## ruff format and ruff check --fix
-	$(VENV)/bin/ruff format cifar_exp tests tools
-	$(VENV)/bin/ruff check --fix cifar_exp tests tools
+	$(VENV)/bin/ruff format cifar_exp conf tests tools
+	$(VENV)/bin/ruff check --fix cifar_exp conf tests tools
 
 clean: ## remove the run folders under outputs/ and the tools' caches
 	rm -rf outputs/*/ .pytest_cache .ruff_cache

@@ -25,7 +25,6 @@ from torch import nn
 
 from cifar_exp.errors import UserError
 
-STRATEGIES = ("single", "ddp")
 T = TypeVar("T")
 
 

@@ -1,28 +1,14 @@
-"""Bad input ends with one clear message and a non-zero exit, not a traceback.
-
-HYDRA_FULL_ERROR=1 (Hydra's own debug switch) shows the traceback instead. In a multirun a
-failed job is reported and the sweep goes on; `SweepReport` lists the failures at its end.
-"""
+"""User errors and exit codes: bad input ends with one clear message and a non-zero exit, not
+a traceback. HYDRA_FULL_ERROR=1 (Hydra's own debug switch) shows the traceback instead."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import re
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
-from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 log = logging.getLogger("cifar_exp")
@@ -43,29 +29,8 @@ class TrainingDiverged(UserError):
     exit_code = DIVERGED
 
 
+# What the config or the input files cause: Hydra and OmegaConf raise their own for them.
 EXPECTED = (UserError, InstantiationException, OmegaConfBaseException)
-UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
-
-
-@dataclass(frozen=True)
-class JobFailed:
-    """What a failed multirun job returns, so that the sweep goes on and reports it."""
-
-    message: str
-    exit_code: int
-
-
-def call_factory(key: str, factory: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Call a `_partial_` object from the config at `key`; a value it rejects becomes a
-    UserError naming the key."""
-    try:
-        return factory(*args, **kwargs)
-    except (ValueError, TypeError) as err:
-        message = f"{key}: {factory.func.__qualname__} rejected its config: {err}"
-        # A key that another option (or a preset written for one) set: say how to drop it.
-        if unexpected := UNEXPECTED_KEYWORD.search(str(err)):
-            message += f"; drop it with ~{key}.{unexpected[1]}, or choose an option that takes it"
-        raise UserError(message) from err
 
 
 def debugging() -> bool:
@@ -86,56 +51,3 @@ def exit_on_user_error() -> Iterator[None]:
             raise
         log.error("%s", err)
         raise SystemExit(exit_code(err)) from None
-
-
-def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run a Hydra job: a single run exits on a user error; a multirun job returns JobFailed."""
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
-        with exit_on_user_error():
-            return task(cfg)
-    try:
-        return task(cfg)
-    except EXPECTED as err:
-        if debugging():
-            raise
-        log.error("%s", err)
-        return JobFailed(str(err), exit_code(err))
-
-
-class SweepReport(Callback):
-    """At the end of a multirun, list the jobs that failed and why; exit non-zero if any did.
-
-    Launchers may run the jobs in other processes or on other machines (joblib, submitit),
-    each with its own copy of this callback: a failed job leaves a note in a folder of the
-    sweep, read back at the end.
-    """
-
-    def __init__(self) -> None:
-        self.notes: Path | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # One folder per session: a continued optuna study reuses its sweep folder.
-        self.notes = Path(config.hydra.sweep.dir) / f".failed-jobs-{uuid.uuid4().hex[:8]}"
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        result = job_return._return_value  # the exception itself when the job raised
-        if job_return.status == JobStatus.FAILED:
-            message = f"{type(result).__name__}: {result}"
-        elif isinstance(result, JobFailed):
-            message = result.message
-        else:
-            return
-        job = job_return.hydra_cfg.hydra.job
-        self.notes.mkdir(parents=True, exist_ok=True)
-        (self.notes / f"{job.num}.txt").write_text(
-            f"job {job.num} ({job.override_dirname or 'no overrides'}): {message}"
-        )
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.notes is None or not self.notes.is_dir():
-            return
-        notes = sorted(self.notes.glob("*.txt"), key=lambda p: int(p.stem))
-        failures = [p.read_text() for p in notes]
-        shutil.rmtree(self.notes)
-        log.error("%d job(s) of the sweep failed:\n%s", len(failures), "\n".join(failures))
-        raise SystemExit(1)

@@ -8,13 +8,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cifar_exp import CONF_DIR, distributed, interrupt, resume
-from cifar_exp.builder import build
-from cifar_exp.compute import seed_everything
-from cifar_exp.errors import run_job
-from cifar_exp.loop import fit
-from cifar_exp.record import RunRecord
-from cifar_exp.validation import validate
+from cifar_exp import distributed
+from cifar_exp.engine import preflight, resume, signals
+from cifar_exp.engine.build import build
+from cifar_exp.engine.compute import resolve_device, seed_everything
+from cifar_exp.engine.jobs import run_job
+from cifar_exp.engine.loop import LoopOptions, fit
+from cifar_exp.settings import CONF_PATH
+from cifar_exp.track.record import RunRecord
 
 
 def train(cfg: DictConfig) -> float:
@@ -25,27 +26,27 @@ def train(cfg: DictConfig) -> float:
     SLURM job), continue the run in its own folder from its last checkpoint. Under
     DDP (trainer.strategy=ddp) this runs in every process; rank 0 keeps the records.
     """
-    settings = validate(cfg)
-    ranks = distributed.setup(settings.trainer.strategy, settings.device)
+    settings = preflight.check(cfg)
+    ranks = distributed.setup(settings.trainer.strategy, resolve_device(settings.trainer.device))
     job = HydraConfig.get()
     # The other ranks' Hydra folders are throwaway ones (run_folders): use rank 0's.
     run_dir = Path(distributed.broadcast(job.runtime.output_dir))
     resumed = None
     if resume.continues(cfg, run_dir):
         resumed = resume.load(cfg, run_dir, list(job.overrides.task))
-        cfg, settings = resumed.config, validate(resumed.config)
+        cfg, settings = resumed.config, preflight.check(resumed.config)
     seed_everything(settings.seed, settings.trainer.deterministic)
-    training = build(cfg, settings, ranks, resumed)
-    with RunRecord.open(run_dir, cfg, settings, training, resumed, ranks.is_main) as record:
+    built = build(cfg, settings, ranks, resumed)
+    with RunRecord.open(run_dir, cfg, settings, built, resumed, ranks.is_main) as record:
         if resumed:
             resumed.restore_rng()  # last: building the run drew random numbers
-        with interrupt.stop_on_signals():
-            fit(training.trainee, training.loaders, settings.loop, record)
+        with signals.stop_on_signals():
+            fit(built.learner, built.loaders, LoopOptions.of(settings), record)
         results = record.finish()
     return results[f"best_{settings.optimized_metric}"]
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path=CONF_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     try:
         return run_job(train, cfg)

@@ -14,22 +14,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from PIL import Image
 
-from cifar_exp import CONF_DIR
-from cifar_exp.augment import BatchAugment
-from cifar_exp.compute import Compute
-from cifar_exp.data import ImageSet
-from cifar_exp.loop import Schedule, Trainee
-from cifar_exp.record import RunFacts, RunRecord
+from cifar_exp.data.augment import BatchAugment
+from cifar_exp.data.datasets import ImageSet
+from cifar_exp.data.loaders import Batching
+from cifar_exp.engine.compute import Compute
+from cifar_exp.engine.learner import Learner, Schedule
+from cifar_exp.settings import CONF_MODULE
+from cifar_exp.track.record import RunFacts, RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = Path(CONF_DIR)
+CONF = REPO / "conf"
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-# cifar_exp/conf/data/cifar10.yaml's normalisation, for tests that build pipelines directly
+# conf/data/cifar10.yaml's normalisation, for tests that build pipelines directly
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+# Fixtures that train or run a command (seconds each): a test that uses one is slow too, so
+# `make test-quick` (pytest -m "not slow") never pays for them.
+TRAINING_FIXTURES = {"seed_sweep", "smoke_run", "stopped_run", "runs", "sweep", "report",
+                     "uninterrupted", "study_dir"}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +74,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def compose_train(*overrides: str) -> DictConfig:
     """The training config with these overrides, as the command line would compose it."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_module(CONF_MODULE, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
 
@@ -144,7 +157,7 @@ def augment_batch(augmentation, images: np.ndarray, seed: int = 0) -> torch.Tens
     float NCHW batch."""
     image_set = ImageSet(images, np.zeros(len(images), dtype=np.int64), ("only",))
     loader = augmentation.loader(
-        image_set, batch_size=len(images), shuffle=False, seed=seed, device=CPU.device
+        image_set, Batching(batch_size=len(images), shuffle=False, seed=seed, device=CPU.device)
     )
     (batch, _), *_ = loader
     return batch
@@ -199,17 +212,17 @@ def random_loader(n: int = 64, batch_size: int = 16, seed: int = 0):
         tuple("abcdefghij"),
     )
     return BatchAugment(MEAN, STD).loader(
-        images, batch_size=batch_size, shuffle=False, seed=seed, device=CPU.device
+        images, Batching(batch_size=batch_size, shuffle=False, seed=seed, device=CPU.device)
     )
 
 
-def make_trainee(model, scheduler_factory=None, interval="epoch", monitor=None, lr=0.1):
+def make_learner(model, scheduler_factory=None, interval="epoch", monitor=None, lr=0.1):
     """The model with SGD and the scheduler `scheduler_factory(optimizer)` makes (StepLR(5)
     if none), on the CPU in float32."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     make = scheduler_factory or (lambda opt: torch.optim.lr_scheduler.StepLR(opt, 5))
     schedule = Schedule(make(optimizer), interval, monitor)
-    return Trainee(model, model, optimizer, schedule, CPU.grad_scaler(), CPU)
+    return Learner(model, model, optimizer, schedule, CPU.grad_scaler(), CPU)
 
 
 def make_record(run_dir: Path, tracker=None, monitor="test_acc", epochs=2) -> RunRecord:

@@ -12,9 +12,9 @@ import torch
 from conftest import augment_batch, compose_train
 from hydra.utils import instantiate
 
-from cifar_exp import data
-from cifar_exp.augment import BatchAugment, Pipeline
-from cifar_exp.loaders import TensorLoader
+from cifar_exp.data import datasets
+from cifar_exp.data.augment import BatchAugment, Pipeline
+from cifar_exp.data.loaders import Batching, TensorLoader
 
 N = 2000  # images per measurement: a rate of 0.5 has a standard error of 0.011
 
@@ -116,9 +116,9 @@ def test_test_time_counterpart_only_normalises():
 
 def test_tensor_loader_covers_every_image_once_per_epoch_in_a_new_order():
     images = np.arange(100, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
-    subset = data.ImageSet(images, np.arange(100) % 10, tuple("abcdefghij"))
+    subset = datasets.ImageSet(images, np.arange(100) % 10, tuple("abcdefghij"))
     loader = BatchAugment((0, 0, 0), (1, 1, 1)).loader(
-        subset, batch_size=32, shuffle=True, seed=0, device=torch.device("cpu")
+        subset, Batching(batch_size=32, shuffle=True, seed=0, device=torch.device("cpu"))
     )
     assert isinstance(loader, TensorLoader) and len(loader) == 4
     epochs = []

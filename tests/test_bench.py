@@ -9,13 +9,16 @@ import pytest
 import torch
 from conftest import compose_train, data_overrides, run_cli
 
-from cifar_exp.bench import QUICK, QUICK_IMAGES, VARIANTS, build_variants, parse_args
-from cifar_exp.compute import Compute, resolve_compute
-from cifar_exp.loop import Schedule, Trainee, train_epoch
-from cifar_exp.models import ConvNet
-from cifar_exp.validation import Trainer, validate
+from cifar_exp.engine import preflight
+from cifar_exp.engine.compute import Compute, resolve_compute
+from cifar_exp.engine.learner import Learner, Schedule
+from cifar_exp.engine.loop import train_epoch
+from cifar_exp.model.convnet import ConvNet
+from cifar_exp.settings import TrainerSettings
+from cifar_exp.tools.bench import QUICK, QUICK_IMAGES, VARIANTS, build_variants, parse_args
 
 
+@pytest.mark.slow
 def test_bench_writes_ratios_and_ends_with_the_speedup(cifar_root, cache_dir, tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli(
@@ -34,6 +37,7 @@ def test_bench_writes_ratios_and_ends_with_the_speedup(cifar_root, cache_dir, tm
     assert all(s > 0 for s in speeds)
 
 
+@pytest.mark.slow
 def test_bench_profile_shows_where_each_variant_spends_its_steps(cifar_root, cache_dir):
     proc = run_cli(
         "bench", "--profile", "2", "--variants", "packed_dropout",
@@ -82,6 +86,7 @@ def test_bench_is_quick_unless_asked_for_the_full_run(monkeypatch):
     assert chosen("--full", "--variants", "bf16") == (["naive", "defaults", "bf16"], None)
 
 
+@pytest.mark.slow
 def test_bench_refuses_an_unknown_variant():
     proc = run_cli("bench", "--variants", "warp_drive", check=False)
     assert proc.returncode == 2 and "unknown variants ['warp_drive']" in proc.stderr
@@ -99,7 +104,7 @@ def test_bench_refuses_an_unknown_variant():
     ],
 )
 def test_every_speed_option_trains_on_the_cpu(options):
-    trainer = Trainer(
+    trainer = TrainerSettings(
         **{"epochs": 1, "subsampled_convs": False, "packed_dropout": False, **options}
     )
     compute = resolve_compute(torch.device("cpu"), trainer)
@@ -107,13 +112,13 @@ def test_every_speed_option_trains_on_the_cpu(options):
     model = ConvNet([{"convs": [8], "transition": {"channels": 16}}], dropout=0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = Schedule(torch.optim.lr_scheduler.StepLR(optimizer, 5))
-    trainee = Trainee(
+    learner = Learner(
         model, compute.prepare(model), optimizer, schedule, compute.grad_scaler(), compute
     )
     images, labels = torch.randn(64, 3, 32, 32), torch.arange(64) % 10
     before = [p.detach().clone() for p in model.parameters()]
     batches = [(images[:32], labels[:32]), (images[32:], labels[32:])]
-    loss, _, seen = train_epoch(trainee, batches)
+    loss, _, seen = train_epoch(learner, batches)
     assert seen == 64 and torch.isfinite(torch.tensor(loss))
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     if compute.channels_last:
@@ -121,7 +126,7 @@ def test_every_speed_option_trains_on_the_cpu(options):
 
 
 def test_auto_compute_follows_the_device(monkeypatch):
-    auto = Trainer(epochs=1)  # every option auto, as for a checkpoint older than them
+    auto = TrainerSettings(epochs=1)  # every option auto, as for a checkpoint older than them
     cpu = resolve_compute(torch.device("cpu"), auto)
     assert not cpu.compile and cpu.subsampled_convs and cpu.packed_dropout
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -129,7 +134,7 @@ def test_auto_compute_follows_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cuda = resolve_compute(torch.device("cuda"), auto)
     assert cuda == Compute(torch.device("cuda"), torch.bfloat16, True, True)
-    off = Trainer(epochs=1, packed_dropout=False)
+    off = TrainerSettings(epochs=1, packed_dropout=False)
     assert not resolve_compute(torch.device("cpu"), off).packed_dropout
-    defaults = validate(compose_train()).trainer  # the config's own: auto, unless measured
+    defaults = preflight.check(compose_train()).trainer  # the config's own: auto, unless measured
     assert resolve_compute(torch.device("cpu"), defaults) == cpu

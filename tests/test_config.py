@@ -8,9 +8,10 @@ import torch
 from conftest import CONF, augment_batch, compose_train, run_cli
 from hydra.utils import instantiate
 
-from cifar_exp.errors import call_factory
-from cifar_exp.loop import Schedule
-from cifar_exp.validation import validate
+from cifar_exp.engine import preflight
+from cifar_exp.engine.compute import resolve_device
+from cifar_exp.engine.learner import Schedule
+from cifar_exp.settings import call_factory
 
 
 def options(group: str) -> list[str]:
@@ -21,7 +22,7 @@ def test_defaults_are_the_seed_recipe():
     """The seed's choices (../shared/seed/README.md) as the composed, checked config gives
     them to the code."""
     cfg = compose_train()
-    settings = validate(cfg)
+    settings = preflight.check(cfg)
     model = instantiate(cfg.model)
     assert isinstance(model.features[0][2], torch.nn.BatchNorm2d)
     optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
@@ -29,7 +30,8 @@ def test_defaults_are_the_seed_recipe():
     schedule = Schedule.from_config(cfg.scheduler, optimizer, steps_per_epoch=10)
     assert isinstance(schedule.scheduler, torch.optim.lr_scheduler.StepLR)
     assert schedule.scheduler.step_size == 23 and schedule.interval == "epoch"
-    assert settings.trainer.epochs == 50 and settings.device == torch.device("cpu")
+    assert settings.trainer.epochs == 50
+    assert resolve_device(settings.trainer.device) == torch.device("cpu")
     assert settings.data.format == "official" and settings.data.limit_train is None
     assert settings.trainer.monitor == settings.optimized_metric == "test_acc"
 
@@ -77,6 +79,7 @@ def test_s9_cutout_hole_is_filled_with_the_data_set_mean():
     assert hole.sum() == 16 * 16
 
 
+@pytest.mark.slow
 def test_debug_smoke_preset_trains_one_epoch_on_a_subset(cifar_root, cache_dir, tmp_path):
     proc = run_cli(
         "train", "debug=smoke", f"data.root={cifar_root}", "data.format=folder",
@@ -87,6 +90,7 @@ def test_debug_smoke_preset_trains_one_epoch_on_a_subset(cifar_root, cache_dir, 
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 
+@pytest.mark.slow
 def test_evaluate_needs_a_checkpoint(tmp_path):
     proc = run_cli("evaluate", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 2

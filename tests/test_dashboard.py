@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO, compose_train, data_overrides, read_metrics, run_cli, wandb_records
 from omegaconf import OmegaConf
 
-from cifar_exp.loop import SCORES
-from cifar_exp.record import configuration_id
+from cifar_exp.settings import SCORES
+from cifar_exp.track.record import configuration_id
 
 
 def final_summary(records: list[dict]) -> dict:
@@ -58,6 +58,7 @@ def stopped_run(cifar_root, cache_dir, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_stopped_run_summary_holds_the_best_values(stopped_run):
     records = wandb_records(stopped_run)
     metrics = read_metrics(stopped_run)
@@ -96,10 +97,24 @@ def test_configuration_id_ignores_seed_and_runtime_keys_only():
     assert len({plain, config_id("model/norm=group"), config_id("optimizer.lr=0.01")}) == 3
 
 
+def test_a_config_naming_earlier_modules_keeps_its_configuration_id():
+    """Runs written before the modules moved name cifar_exp.models, .augment and .optim: they
+    pool with today's runs of the same config."""
+    today = OmegaConf.to_container(compose_train("optimizer=muon"), resolve=True)
+    earlier = OmegaConf.to_container(compose_train("optimizer=muon"), resolve=True)
+    earlier["model"]["_target_"] = "cifar_exp.models.ConvNet"
+    earlier["augment"]["_target_"] = "cifar_exp.augment.BatchAugment"
+    earlier["optimizer"]["_target_"] = "cifar_exp.optim.MuonForFilters"
+    assert configuration_id(earlier) == configuration_id(today)
+    earlier["optimizer"]["lr"] = 1.0
+    assert configuration_id(earlier) != configuration_id(today)
+
+
 def run_header(records: list[dict]) -> dict:
     return next(r["run"] for r in records if r["type"] == "run")
 
 
+@pytest.mark.slow
 def test_seed_runs_share_a_configuration_id_in_results_config_and_tags(seed_sweep):
     runs = sorted(p for p in seed_sweep.iterdir() if p.is_dir())
     assert len(runs) == 6
@@ -172,6 +187,7 @@ def test_run_ends_with_the_best_checkpoints_per_class_view(seed_sweep):
         assert true != predicted and 0.1 <= confidence <= 1  # the top of 10 probabilities
 
 
+@pytest.mark.slow
 def test_logger_tensorboard_writes_event_files_that_tensorboard_reads(
     cifar_root, cache_dir, tmp_path
 ):

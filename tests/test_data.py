@@ -12,9 +12,11 @@ import torchvision.datasets.cifar
 from conftest import MEAN, STD, write_tree
 from PIL import Image
 
-from cifar_exp import data
-from cifar_exp.augment import Pipeline
-from cifar_exp.data import DataNotFoundError, balanced_subset
+from cifar_exp.data import datasets
+from cifar_exp.data.augment import Pipeline
+from cifar_exp.data.datasets import DataNotFoundError, balanced_subset
+from cifar_exp.data.loaders import Batching
+from cifar_exp.settings import FORMATS
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -40,7 +42,7 @@ CATS_AND_DOGS = {split: ["cat", "dog"] for split in ("train", "test")}
 
 def test_folder_format_decodes_any_ten_or_fewer_class_tree(tmp_path):
     write_tree(tmp_path, CATS_AND_DOGS)
-    loaded = data.load_folder(tmp_path, "train", None, cache_dir=None)
+    loaded = datasets.load_folder(tmp_path, "train", None, cache_dir=None)
     assert loaded.classes == ("cat", "dog")
     assert loaded.images.shape == (6, 32, 32, 3) and loaded.images.dtype == np.uint8
     assert loaded.labels.tolist() == [0, 0, 0, 1, 1, 1]
@@ -51,14 +53,14 @@ def test_folder_format_decodes_any_ten_or_fewer_class_tree(tmp_path):
 def test_folder_decode_is_cached_between_runs(tmp_path, monkeypatch):
     write_tree(tmp_path / "tree", CATS_AND_DOGS)
     cache = tmp_path / "cache"
-    first = data.load_folder(tmp_path / "tree", "test", 4, cache)
+    first = datasets.load_folder(tmp_path / "tree", "test", 4, cache)
     assert len(list(cache.glob("*.npy"))) == 1
 
     def no_decoding(paths):
         raise AssertionError("decoded again although the cache holds these images")
 
-    monkeypatch.setattr(data, "decode", no_decoding)
-    again = data.load_folder(tmp_path / "tree", "test", 4, cache)
+    monkeypatch.setattr(datasets, "decode", no_decoding)
+    again = datasets.load_folder(tmp_path / "tree", "test", 4, cache)
     assert np.array_equal(first.images, again.images)
     assert np.array_equal(first.labels, again.labels)
 
@@ -66,14 +68,14 @@ def test_folder_decode_is_cached_between_runs(tmp_path, monkeypatch):
 def test_folder_cache_notices_changed_files(tmp_path):
     write_tree(tmp_path / "tree", CATS_AND_DOGS)
     cache = tmp_path / "cache"
-    data.load_folder(tmp_path / "tree", "test", None, cache)
+    datasets.load_folder(tmp_path / "tree", "test", None, cache)
     Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "tree" / "test" / "cat" / "0000.png")
-    reloaded = data.load_folder(tmp_path / "tree", "test", None, cache)
+    reloaded = datasets.load_folder(tmp_path / "tree", "test", None, cache)
     assert reloaded.images[0, 0, 0].tolist() == [1, 2, 3]
 
 
 def test_shared_copy_loads_as_a_fixed_balanced_subset(cifar_root, cache_dir):
-    loaded = data.load_split(str(cifar_root), "folder", "test", 100, str(cache_dir))
+    loaded = datasets.load_split(str(cifar_root), "folder", "test", 100, str(cache_dir))
     assert loaded.classes == CIFAR10_CLASSES
     assert loaded.images.shape == (100, 32, 32, 3)
     assert np.bincount(loaded.labels).tolist() == [10] * 10
@@ -102,15 +104,15 @@ def write_official_batches(root, per_batch=20):
 def test_official_format_reads_the_python_batches(tmp_path, monkeypatch):
     batches = write_official_batches(tmp_path)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
-    loaded = data.load_official(tmp_path, "test", 10)
+    loaded = datasets.load_official(tmp_path, "test", 10)
     assert loaded.classes == CIFAR10_CLASSES
     assert loaded.labels.tolist() == list(range(10))
     expected = batches["test_batch"]["data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
     assert np.array_equal(loaded.images[0], expected)
-    assert len(data.load_official(tmp_path, "train", None).labels) == 100
+    assert len(datasets.load_official(tmp_path, "train", None).labels) == 100
 
 
-@pytest.mark.parametrize("fmt", data.FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_missing_data_names_the_root_and_both_ways_to_provide_it(tmp_path, monkeypatch, fmt):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
@@ -118,7 +120,7 @@ def test_missing_data_names_the_root_and_both_ways_to_provide_it(tmp_path, monke
     # never download 170 MB from a test, even on a machine with a network
     monkeypatch.setattr(torchvision.datasets.cifar.CIFAR10, "download", offline)
     with pytest.raises(DataNotFoundError) as err:
-        data.load_split(str(tmp_path / "nowhere"), fmt, "train")
+        datasets.load_split(str(tmp_path / "nowhere"), fmt, "train")
     message = str(err.value)
     assert f"data.root={tmp_path / 'nowhere'}" in message
     assert "data.format=official" in message and "data.format=folder" in message
@@ -127,7 +129,10 @@ def test_missing_data_names_the_root_and_both_ways_to_provide_it(tmp_path, monke
 def flip_flags(subset, seed, batches=2):
     """Per image of the first batches: was it flipped? One batch comes from each worker."""
     loader = Pipeline(MEAN, STD, before_normalize=[A.HorizontalFlip(p=0.5)]).loader(
-        subset, batch_size=16, shuffle=False, num_workers=2, seed=seed, device=torch.device("cpu")
+        subset,
+        Batching(
+            batch_size=16, shuffle=False, num_workers=2, seed=seed, device=torch.device("cpu")
+        ),
     )
     plain = Pipeline(MEAN, STD)
     flags = []
@@ -139,7 +144,7 @@ def flip_flags(subset, seed, batches=2):
 
 
 def test_augmentation_is_seeded_and_differs_between_workers(cifar_root, cache_dir):
-    subset = data.load_split(str(cifar_root), "folder", "test", 200, str(cache_dir))
+    subset = datasets.load_split(str(cifar_root), "folder", "test", 200, str(cache_dir))
     flags = flip_flags(subset, seed=0)
     assert flags == flip_flags(subset, seed=0)
     assert flags != flip_flags(subset, seed=1)

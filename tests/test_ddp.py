@@ -12,7 +12,8 @@ import torch
 from conftest import REPO, data_overrides, numbered_images, read_metrics, run_cli
 
 from cifar_exp import distributed
-from cifar_exp.augment import BatchAugment, Pipeline
+from cifar_exp.data.augment import BatchAugment, Pipeline
+from cifar_exp.data.loaders import Batching
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
@@ -35,9 +36,12 @@ def test_tensor_loader_ranks_share_each_global_batch():
     images = numbered_images()
     as_is = BatchAugment((0, 0, 0), (1 / 255,) * 3)  # normalising that keeps the numbers
     args = dict(batch_size=50, shuffle=True, seed=1, device=torch.device("cpu"))
-    single = [numbers(x) for x, _ in as_is.loader(images, **args)]
+    single = [numbers(x) for x, _ in as_is.loader(images, Batching(**args))]
     shares = [
-        [numbers(x) for x, _ in as_is.loader(images, ranks=distributed.Ranks(r, 2), **args)]
+        [
+            numbers(x)
+            for x, _ in as_is.loader(images, Batching(ranks=distributed.Ranks(r, 2), **args))
+        ]
         for r in (0, 1)
     ]
     assert len(single) == 4
@@ -50,14 +54,16 @@ def test_dataloader_ranks_share_each_global_batch():
     as_is = Pipeline((0, 0, 0), (1 / 255,) * 3)  # normalising that keeps the numbers
     args = dict(batch_size=50, shuffle=True, seed=1, device=torch.device("cpu"), num_workers=0)
 
-    def epoch_2(ranks=None) -> list[list[int]]:
-        loader = as_is.loader(images, ranks=ranks, **args)
+    def epoch_2(**ranks: distributed.Ranks) -> list[list[int]]:
+        loader = as_is.loader(images, Batching(**ranks, **args))
         loader.seed_epoch(1, 2)
         return [numbers(x) for x, _ in loader]
 
     single = epoch_2()
-    shares = [epoch_2(distributed.Ranks(r, 2)) for r in (0, 1)]
-    assert len(single) == 4 and single != [numbers(x) for x, _ in as_is.loader(images, **args)]
+    shares = [epoch_2(ranks=distributed.Ranks(r, 2)) for r in (0, 1)]
+    assert len(single) == 4 and single != [
+        numbers(x) for x, _ in as_is.loader(images, Batching(**args))
+    ]
     for batch, first, second in zip(single, *shares, strict=True):
         assert sorted(first + second) == sorted(batch) and len(first) == len(second) == 25
 
@@ -81,6 +87,7 @@ def runs(cifar_root, cache_dir, tmp_path_factory):
     return out / "single", ddp_dir
 
 
+@pytest.mark.slow
 def test_ddp_matches_a_single_process(runs):
     """Each rank's mean loss over half the batch, averaged by DDP, has the gradient of the whole
     batch's mean loss; GroupNorm mixes no images and both runs see the same augmented batch.
@@ -114,6 +121,7 @@ def test_only_rank_zero_writes(runs):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_on_the_cpu_is_refused_with_a_message(tmp_path):
     proc = torchrun(
         "trainer.sync_batchnorm=true", "trainer.device=cpu", "data.root=/nonexistent",
@@ -123,6 +131,7 @@ def test_sync_batchnorm_on_the_cpu_is_refused_with_a_message(tmp_path):
     assert "trainer.sync_batchnorm needs CUDA" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_ddp_without_torchrun_is_refused(tmp_path):
     proc = run_cli("train", "trainer.strategy=ddp", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 2

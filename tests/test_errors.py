@@ -17,10 +17,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cifar_exp.builder import build
+from cifar_exp.engine import preflight
+from cifar_exp.engine.build import build
 from cifar_exp.errors import UserError
-from cifar_exp.models import ConvNet
-from cifar_exp.validation import validate
+from cifar_exp.model.convnet import ConvNet
 
 LOG_ONLY = {"train.log", ".hydra"}
 
@@ -57,6 +57,7 @@ def assert_refused(proc, expected: str, run_dir: Path | None = None, code: int |
         (["augment.flip_p=2"], "augment.flip_p=2 is a probability: choose it in [0, 1]"),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_bad_config_is_refused_before_anything_runs(overrides, expected, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("train", *overrides, f"hydra.run.dir={run_dir}", check=False)
@@ -94,7 +95,7 @@ GATE = [
 @pytest.mark.parametrize(("overrides", "expected"), GATE)
 def test_the_gate_refuses_values_that_would_fail_late(overrides, expected):
     with pytest.raises((UserError, InstantiationException)) as err:
-        validate(compose_train(*overrides))
+        preflight.check(compose_train(*overrides))
     assert expected in str(err.value)
 
 
@@ -111,9 +112,10 @@ def test_the_gate_refuses_values_that_would_fail_late(overrides, expected):
 def test_values_the_network_or_optimizer_refuses_stop_before_the_data_loads(overrides, expected):
     cfg = compose_train(*overrides, "data.format=folder", "data.root=/nonexistent")
     with pytest.raises(UserError, match=re.escape(expected)):
-        build(cfg, validate(cfg))
+        build(cfg, preflight.check(cfg))
 
 
+@pytest.mark.slow
 def test_every_bad_value_is_named_at_once(tmp_path):
     proc = run_cli("train", "trainer.epochs=0", "data.batch_size=0", f"hydra.run.dir={tmp_path}",
                    check=False)  # fmt: skip
@@ -126,6 +128,7 @@ def folder_data(root: Path) -> list[str]:
             "data.num_workers=0", "model.num_classes=2"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_class_missing_from_one_split_is_named(tmp_path):
     root = write_tree(tmp_path / "data", {"train": ["cat", "dog"], "test": ["cat"]})
     proc = run_cli("train", *folder_data(root), f"hydra.run.dir={tmp_path / 'run'}",
@@ -133,6 +136,7 @@ def test_a_class_missing_from_one_split_is_named(tmp_path):
     assert_refused(proc, "only in one split: dog", tmp_path / "run", code=2)
 
 
+@pytest.mark.slow
 def test_fewer_classes_than_the_model_is_named(tmp_path):
     root = write_tree(tmp_path / "data", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
     overrides = [*folder_data(root)[:-1], f"hydra.run.dir={tmp_path / 'run'}"]
@@ -141,6 +145,7 @@ def test_fewer_classes_than_the_model_is_named(tmp_path):
                    tmp_path / "run", code=2)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_is_named(tmp_path):
     root = write_tree(tmp_path / "data", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
     broken = root / "train" / "dog" / "0001.png"
@@ -150,6 +155,7 @@ def test_an_unreadable_image_is_named(tmp_path):
     assert_refused(proc, f"cannot read image {broken}", tmp_path / "run", code=2)
 
 
+@pytest.mark.slow
 def test_images_of_another_size_are_named(tmp_path):
     root = write_tree(tmp_path / "data", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
     overrides = [*folder_data(root), "data.image_size=28", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -159,6 +165,7 @@ def test_images_of_another_size_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.slow
 def test_a_damaged_official_batch_file_is_named(tmp_path, damage):
     """The official python batches, one of them damaged (the others need not be real)."""
     batches = tmp_path / "data" / "cifar-10-batches-py"
@@ -173,6 +180,7 @@ def test_a_damaged_official_batch_file_is_named(tmp_path, damage):
     assert_refused(proc, f"{batches} is truncated or corrupted", tmp_path / "run", code=2)
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_folder_is_named_and_nothing_is_created(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -226,6 +234,7 @@ def damage_checkpoint(run_dir: Path, how: str, tmp_path: Path) -> None:
         ("runs code", "needs arbitrary code to load and was refused"),
     ],
 )
+@pytest.mark.slow
 def test_a_bad_checkpoint_is_refused(how, expected, tmp_path):
     run_dir = saved_run(tmp_path)
     if how == "missing":
@@ -248,6 +257,7 @@ def run_files(run_dir: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused_before_the_data_loads(tmp_path):
     other = ConvNet([{"convs": [8], "transition": {"channels": 16, "type": "strided"}}])
     run_dir = saved_run(tmp_path, other.state_dict())
@@ -259,6 +269,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_the_data_loads(tmp_path
     assert "Missing key(s)" in proc.stdout + proc.stderr or "size mismatch" in proc.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_checkpoint_that_runs_code(tmp_path):
     ckpt = tmp_path / "evil.pt"
     torch.save({"model": RunsCode(tmp_path / "pwned")}, ckpt)

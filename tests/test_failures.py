@@ -1,15 +1,16 @@
-"""Training that goes wrong: divergence, failing sweep jobs, simultaneous runs, secrets."""
+"""BuiltRun that goes wrong: divergence, failing sweep jobs, simultaneous runs, secrets."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, data_overrides, read_metrics, run_cli
 
+from cifar_exp.engine.run_folders import claim_folder
 from cifar_exp.errors import DIVERGED
-from cifar_exp.run_folders import claim_folder
 
 # Epoch 1 trains normally at lr 0.05; StepLR then multiplies the lr by 1e30 and the loss
 # overflows in epoch 2.
@@ -22,6 +23,7 @@ def small(cifar_root, cache_dir) -> list[str]:
             "trainer.epochs=2", "data.num_workers=0"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_epoch_and_step(cifar_root, cache_dir, tmp_path):
     proc = run_cli("train", *small(cifar_root, cache_dir), *DIVERGES_IN_EPOCH_2,
                    f"hydra.run.dir={tmp_path}", check=False)  # fmt: skip
@@ -35,6 +37,7 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(cifar_root, cache_dir, t
     assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_failing_sweep_job_does_not_stop_the_others_and_is_listed(
     cifar_root, cache_dir, tmp_path
 ):
@@ -63,6 +66,7 @@ def test_a_failing_sweep_job_does_not_stop_the_others_and_is_listed(
     assert not leaks
 
 
+@pytest.mark.slow
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
     """Both fail on their data after Hydra set up their folders (a few seconds, no training)."""
     root = tmp_path / "outputs"

@@ -11,7 +11,7 @@ from conftest import compose_train
 from hydra.utils import instantiate
 from torch import nn
 
-from cifar_exp.fast_layers import PackedDropout, SubsampledConv2d, swap_in
+from cifar_exp.model.fast_layers import PackedDropout, SubsampledConv2d, swap_in
 
 
 @pytest.mark.parametrize(

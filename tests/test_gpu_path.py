@@ -24,15 +24,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cifar_exp import checkpoint, compute, distributed, loaders
-from cifar_exp.augment import BatchAugment, Pipeline
-from cifar_exp.builder import build
-from cifar_exp.compute import Compute, resolve_compute, resolve_device, seed_everything
+from cifar_exp import distributed
+from cifar_exp.data import datasets, loaders
+from cifar_exp.data.augment import BatchAugment, Pipeline
+from cifar_exp.data.loaders import Batching
+from cifar_exp.engine import checkpoint, compute, preflight
+from cifar_exp.engine.build import build
+from cifar_exp.engine.compute import Compute, resolve_compute, resolve_device, seed_everything
+from cifar_exp.engine.learner import Learner, Schedule
+from cifar_exp.engine.loop import CHECK_EVERY, train_epoch
 from cifar_exp.errors import UserError
-from cifar_exp.gpucheck import count_host_syncs
-from cifar_exp.loop import CHECK_EVERY, Schedule, Trainee, train_epoch
-from cifar_exp.models import ConvNet
-from cifar_exp.validation import Trainer, validate
+from cifar_exp.model.convnet import ConvNet
+from cifar_exp.settings import TrainerSettings
+from cifar_exp.tools.gpucheck import count_host_syncs
 
 # The aten operations that torch.use_deterministic_algorithms documents as raising on CUDA
 # (no deterministic kernel), by the names a dispatch mode sees.
@@ -73,7 +77,7 @@ def training_step_operations(model: torch.nn.Module) -> set[str]:
 
 def test_precision_auto_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **_: True)  # counts emulation
-    auto, cuda = Trainer(epochs=1), torch.device("cuda")
+    auto, cuda = TrainerSettings(epochs=1), torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4
     assert resolve_compute(cuda, auto).autocast_dtype is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100
@@ -109,6 +113,7 @@ def test_cudnn_autotunes_unless_deterministic():
     assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
 
 
+@pytest.mark.slow
 def test_cublas_is_set_up_for_determinism_before_anything_uses_cuda():
     """cuBLAS reads the setting once: a deterministic job after another in one process (a
     sweep) needs it set from the start."""
@@ -215,10 +220,9 @@ def test_when_rank_0_cannot_load_the_others_stop_without_trying(monkeypatch, tmp
     assert rank_0.events == ["broadcast False"]
     rank_1 = FakeGroup(monkeypatch, rank=1, from_rank_0=False)
     with pytest.raises(UserError, match="rank 0 failed to load the train images"):
-        from cifar_exp import data
-
-        settings = validate(compose_train(f"data.root={tmp_path}", "data.format=folder")).data
-        data.load(settings, "train")  # through main_first: no download, no decode on rank 1
+        cfg = compose_train(f"data.root={tmp_path}", "data.format=folder")
+        settings = preflight.check(cfg).data
+        datasets.load(settings, "train")  # through main_first: no download, no decode on rank 1
     assert rank_1.events == ["broadcast None"]
 
 
@@ -253,6 +257,7 @@ def lockstep_worker(rank: int, store: str, drift: bool, results: str) -> None:
 
 
 @pytest.mark.parametrize("drift", [False, True])
+@pytest.mark.slow
 def test_ranks_that_drew_different_random_numbers_are_caught(tmp_path, drift):
     results = tmp_path / "outcome"
     mp.spawn(lockstep_worker, args=(str(tmp_path / "store"), drift, str(results)), nprocs=2)
@@ -274,8 +279,8 @@ def test_every_rank_gets_an_equal_nonempty_share_of_every_batch(n, batch_size, w
     for augmentation in (BatchAugment(MEAN, STD), Pipeline(MEAN, STD)):
         for rank in range(world_size):
             loader = augmentation.loader(
-                images, batch_size=batch_size, shuffle=True, seed=0, device=CPU.device,
-                ranks=distributed.Ranks(rank, world_size),
+                images, Batching(batch_size=batch_size, shuffle=True, seed=0, device=CPU.device,
+                ranks=distributed.Ranks(rank, world_size)),
             )  # fmt: skip
             assert [len(labels) for _, labels in loader] == shares and len(loader) == len(shares)
 
@@ -286,7 +291,8 @@ def test_the_last_batch_is_kept_filled_or_dropped():
 
     def epoch(last_batch: str) -> list[list[int]]:
         loader = as_is.loader(
-            images, batch_size=16, shuffle=True, seed=0, device=CPU.device, last_batch=last_batch
+            images,
+            Batching(batch_size=16, shuffle=True, seed=0, device=CPU.device, last_batch=last_batch),
         )
         return [x.flatten(1)[:, 0].round().int().tolist() for x, _ in loader]
 
@@ -306,8 +312,8 @@ def test_compiled_training_fills_its_last_batch(cifar_root, cache_dir, monkeypat
             *data_overrides(cifar_root, cache_dir, train=100, test=100), "trainer.device=cpu",
             f"trainer.compile={compiled}", "data.batch_size=64",
         )  # fmt: skip
-        training = build(cfg, validate(cfg))
-        assert training.loaders.train.size == size and len(training.loaders.train) == 2
+        built = build(cfg, preflight.check(cfg))
+        assert built.loaders.train.size == size and len(built.loaders.train) == 2
 
 
 def counting_compile(compiled: list) -> object:
@@ -370,15 +376,17 @@ def test_a_training_step_waits_for_the_device_only_at_the_loss_checks():
         MEAN, STD, flip_p=0.5, affine_p=1, translate=0.1, scale=(0.9, 1.1), rotate=10,
         cutout_p=0.5, cutout_size=8,
     )  # fmt: skip
-    loader = augmentation.loader(images, batch_size=4, shuffle=True, seed=0, device=CPU.device)
+    loader = augmentation.loader(
+        images, Batching(batch_size=4, shuffle=True, seed=0, device=CPU.device)
+    )
     model = ConvNet([{"convs": [8], "transition": {"channels": 16}}], dropout=0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     schedule = Schedule(
         torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=100), "step"
     )
-    trainee = Trainee(model, model, optimizer, schedule, CPU.grad_scaler(), CPU)
-    train_epoch(trainee, [next(iter(loader))])  # the optimizer's state is made at its first step
-    waits = count_host_syncs(lambda: train_epoch(trainee, loader, label_smoothing=0.1), CPU.device)
+    learner = Learner(model, model, optimizer, schedule, CPU.grad_scaler(), CPU)
+    train_epoch(learner, [next(iter(loader))])  # the optimizer's state is made at its first step
+    waits = count_host_syncs(lambda: train_epoch(learner, loader, label_smoothing=0.1), CPU.device)
     assert len(loader) >= steps
     # The loss checks, and the epoch's totals (the image count copied in, the sums read back).
     assert waits <= math.ceil(len(loader) / CHECK_EVERY) + 2

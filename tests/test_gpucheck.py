@@ -9,9 +9,10 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
 from conftest import REPO, write_tree
 
-from cifar_exp.gpucheck import data_overrides
+from cifar_exp.tools.gpucheck import data_overrides
 
 
 def gpucheck(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -21,6 +22,7 @@ def gpucheck(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_without_a_gpu_it_refuses_in_one_line():
     proc = gpucheck(env={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2
@@ -28,11 +30,13 @@ def test_without_a_gpu_it_refuses_in_one_line():
     assert proc.stderr.startswith("gpucheck needs a CUDA GPU, and PyTorch sees none here")
 
 
+@pytest.mark.slow
 def test_an_unknown_step_is_refused():
     proc = gpucheck("--steps", "smoke,warp", "--device", "cpu")
     assert proc.returncode == 2 and "unknown steps ['warp']" in proc.stderr
 
 
+@pytest.mark.slow
 def test_its_steps_run_on_the_cpu(cifar_root, cache_dir, tmp_path):
     """The sync audit, the deterministic pair and the resume (stopped by SIGTERM after epoch 1,
     resumed, and resumed again on the CPU), as on a GPU."""

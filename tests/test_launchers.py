@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import submitit
 import torch
 from conftest import CONF, REPO, data_overrides, read_metrics, run_cli, wandb_records
@@ -41,6 +42,7 @@ def check_sweep(proc, jobs):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_joblib_runs_jobs_in_parallel_processes_grouped_in_wandb(cifar_root, cache_dir, tmp_path):
     proc, sweep_dir, jobs = sweep(
         tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
@@ -54,6 +56,7 @@ def test_joblib_runs_jobs_in_parallel_processes_grouped_in_wandb(cifar_root, cac
     assert not list(sweep_dir.glob(".failed-jobs-*"))  # read back and removed
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_each_job_as_a_submitit_job(cifar_root, cache_dir, tmp_path):
     proc, sweep_dir, jobs = sweep(
         tmp_path, "hydra/launcher=submitit_local", "logger=none",
@@ -69,6 +72,7 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in found.split()]
 
 
+@pytest.mark.slow
 def test_submitit_requeues_a_job_on_its_pre_timeout_signal_and_it_resumes(
     cifar_root, cache_dir, tmp_path
 ):

@@ -12,28 +12,29 @@ from conftest import (
     MEAN,
     STD,
     TINY_BLOCKS,
+    make_learner,
     make_record,
-    make_trainee,
     random_loader,
     read_metrics,
 )
 
-from cifar_exp import data
-from cifar_exp.augment import Pipeline
-from cifar_exp.compute import resolve_device, seed_everything
-from cifar_exp.loaders import Loaders
-from cifar_exp.loop import EPOCH_METRICS, LoopOptions, fit, predict
-from cifar_exp.models import ConvNet
-from cifar_exp.validation import Trainer, checked
+from cifar_exp.data import datasets
+from cifar_exp.data.augment import Pipeline
+from cifar_exp.data.loaders import Batching, Loaders
+from cifar_exp.engine.compute import resolve_device, seed_everything
+from cifar_exp.engine.inference import predict
+from cifar_exp.engine.loop import LoopOptions, fit
+from cifar_exp.model.convnet import ConvNet
+from cifar_exp.settings import EPOCH_METRICS, TrainerSettings, checked
 
 
 def run_fit(tmp_path, scheduler_factory, interval="epoch", monitor=None, epochs=2):
-    trainee = make_trainee(ConvNet(TINY_BLOCKS), scheduler_factory, interval, monitor)
+    learner = make_learner(ConvNet(TINY_BLOCKS), scheduler_factory, interval, monitor)
     record = make_record(tmp_path, epochs=epochs)
     loader = random_loader()
     options = LoopOptions(epochs=epochs, seed=0, progress=False)
-    fit(trainee, Loaders(loader, loader), options, record)
-    return record, trainee.schedule.scheduler
+    fit(learner, Loaders(loader, loader), options, record)
+    return record, learner.schedule.scheduler
 
 
 def test_onecycle_steps_every_batch(tmp_path):
@@ -76,22 +77,21 @@ def test_every_epoch_reaches_the_record_metrics_file_and_tracker(tmp_path):
 def seeded_history(subset, seed, tmp_path):
     """Two epochs with dropout and flips by albumentations in 2 DataLoader workers."""
     seed_everything(seed, deterministic=True)
-    trainee = make_trainee(ConvNet(TINY_BLOCKS, dropout=0.1), lr=0.05)
+    learner = make_learner(ConvNet(TINY_BLOCKS, dropout=0.1), lr=0.05)
     loaders = Loaders(
         Pipeline(MEAN, STD, before_normalize=[A.HorizontalFlip()]).loader(
-            subset, batch_size=32, shuffle=True, seed=seed, device=CPU.device, num_workers=2
+            subset, Batching(32, seed, CPU.device, shuffle=True, num_workers=2)
         ),
-        Pipeline(MEAN, STD).loader(subset, batch_size=32, shuffle=False, seed=seed,
-                                   device=CPU.device),
+        Pipeline(MEAN, STD).loader(subset, Batching(32, seed, CPU.device)),
     )  # fmt: skip
     record = make_record(tmp_path)
-    fit(trainee, loaders, LoopOptions(epochs=2, seed=seed, progress=False), record)
+    fit(learner, loaders, LoopOptions(epochs=2, seed=seed, progress=False), record)
     torch.use_deterministic_algorithms(False)
     return [(m["train_loss"], m["test_loss"]) for m in record.history]
 
 
 def test_same_seed_same_numbers(cifar_root, cache_dir, tmp_path):
-    subset = data.load_split(str(cifar_root), "folder", "test", 200, str(cache_dir))
+    subset = datasets.load_split(str(cifar_root), "folder", "test", 200, str(cache_dir))
     first = seeded_history(subset, 3, tmp_path / "a")
     assert first == seeded_history(subset, 3, tmp_path / "b")
     assert first != seeded_history(subset, 4, tmp_path / "c")
@@ -124,9 +124,9 @@ def test_tta_averages_the_logits_of_the_stated_views():
 
 
 def test_old_test_flip_key_means_tta_flip():
-    assert checked(Trainer, {"epochs": 1, "test_flip": True}).tta == "flip"
-    assert checked(Trainer, {"epochs": 1, "test_flip": False}).tta == "none"
-    assert checked(Trainer, {"epochs": 1, "tta": "multi", "test_flip": True}).tta == "multi"
+    assert checked(TrainerSettings, {"epochs": 1, "test_flip": True}).tta == "flip"
+    assert checked(TrainerSettings, {"epochs": 1, "test_flip": False}).tta == "none"
+    assert checked(TrainerSettings, {"epochs": 1, "tta": "multi", "test_flip": True}).tta == "multi"
 
 
 def test_batches_are_normalised_by_the_data_set_statistics():

@@ -8,8 +8,8 @@ import torchinfo
 from conftest import compose_train
 from hydra.utils import instantiate
 
-from cifar_exp import budget
-from cifar_exp.models import ConvNet
+from cifar_exp.model import budget
+from cifar_exp.model.convnet import ConvNet
 
 # (layer type, output shape without the batch) of every row of ../shared/seed/README.md's table.
 SEED_TABLE = [

@@ -65,13 +65,15 @@ def test_the_offline_stand_in_reproduces_albumentations_warning(tmp_path):
     assert "Error fetching version info" in proc.stderr
 
 
+@pytest.mark.slow
 def test_help_prints_no_warning_offline(tmp_path):
     assert_quiet(run_offline(["-m", "cifar_exp.train", "--help"], tmp_path))
 
 
+@pytest.mark.slow
 def test_default_start_does_not_import_albumentations(tmp_path):
     proc = run_offline(
-        ["-c", "import sys, cifar_exp.train, cifar_exp.builder; "
+        ["-c", "import sys, cifar_exp.train, cifar_exp.engine.build; "
                "assert 'albumentations' not in sys.modules"],
         tmp_path,
     )  # fmt: skip
@@ -79,6 +81,7 @@ def test_default_start_does_not_import_albumentations(tmp_path):
 
 
 @pytest.mark.parametrize("augment", ["s9_batched", "s9"])
+@pytest.mark.slow
 def test_training_starts_without_a_warning_offline(augment, cifar_root, cache_dir, tmp_path):
     """The default (s9_batched) never imports albumentations; s9 does, with its check off."""
     overrides = data_overrides(cifar_root, cache_dir, 200, 100)

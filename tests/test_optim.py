@@ -9,14 +9,15 @@ import torch
 from conftest import CPU, MEAN, STD, TINY_BLOCKS, compose_train, data_overrides
 from hydra.utils import instantiate
 
-from cifar_exp.augment import BatchAugment
-from cifar_exp.builder import WHITEN_EVERY, build
-from cifar_exp.data import ImageSet
+from cifar_exp.data.augment import BatchAugment
+from cifar_exp.data.datasets import ImageSet
+from cifar_exp.data.loaders import Batching
+from cifar_exp.engine import preflight
+from cifar_exp.engine.build import WHITEN_EVERY, build
+from cifar_exp.engine.learner import Schedule
+from cifar_exp.engine.optim import WeightAverage, evaluated_weights, param_groups
 from cifar_exp.errors import UserError
-from cifar_exp.loop import Schedule
-from cifar_exp.models import ConvNet
-from cifar_exp.optim import WeightAverage, evaluated_weights, param_groups
-from cifar_exp.validation import validate
+from cifar_exp.model.convnet import ConvNet
 
 
 def test_param_groups_get_the_decay_and_learning_rates_the_config_says(cifar_root, cache_dir):
@@ -25,14 +26,14 @@ def test_param_groups_get_the_decay_and_learning_rates_the_config_says(cifar_roo
         "optimizer.lr=0.05", "optimizer.weight_decay=0.001", "scheduler=linear",
         "param_groups.norm_and_bias.lr_scale=8", "param_groups.norm_and_bias.weight_decay=0",
     )  # fmt: skip
-    trainee = build(cfg, validate(cfg)).trainee
-    weights, norm_and_bias = trainee.optimizer.param_groups
+    learner = build(cfg, preflight.check(cfg)).learner
+    weights, norm_and_bias = learner.optimizer.param_groups
     assert (weights["initial_lr"], weights["weight_decay"]) == (0.05, 0.001)
     assert (norm_and_bias["initial_lr"], norm_and_bias["weight_decay"]) == (0.4, 0.0)
     # Every trainable parameter in exactly one group: the filters in the first, the rest
     # (BatchNorm scales and shifts, the convolutions' biases) in the other.
-    named = {n: p for n, p in trainee.model.named_parameters() if p.requires_grad}
-    assert len(named) == len(list(trainee.model.parameters())) - 1  # the whitened first layer
+    named = {n: p for n, p in learner.model.named_parameters() if p.requires_grad}
+    assert len(named) == len(list(learner.model.parameters())) - 1  # the whitened first layer
     ids = {id(p): name for name, p in named.items()}
     first = {ids[id(p)] for p in weights["params"]}
     second = {ids[id(p)] for p in norm_and_bias["params"]}
@@ -45,13 +46,13 @@ def test_one_group_when_norm_and_bias_train_like_the_rest(cifar_root, cache_dir)
         *data_overrides(cifar_root, cache_dir, train=100, test=20),
         "param_groups.norm_and_bias.weight_decay=null",  # decay them like the rest (default: 0)
     )
-    assert len(build(cfg, validate(cfg)).trainee.optimizer.param_groups) == 1
+    assert len(build(cfg, preflight.check(cfg)).learner.optimizer.param_groups) == 1
 
 
 def test_a_scheduler_that_overrides_group_learning_rates_refuses_lr_scale():
     cfg = compose_train("scheduler=onecycle", "param_groups.norm_and_bias.lr_scale=4")
     with pytest.raises(UserError, match="param_groups.norm_and_bias.lr_scale=4.0"):
-        validate(cfg)
+        preflight.check(cfg)
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():
@@ -118,7 +119,9 @@ def asymmetric_images(n: int = 64) -> ImageSet:
 
 def flipped_by_index(augmentation: BatchAugment, images: ImageSet, epoch: int) -> dict:
     """Which images the epoch flips, from a new loader each time (as after a resume)."""
-    loader = augmentation.loader(images, batch_size=16, shuffle=True, seed=3, device=CPU.device)
+    loader = augmentation.loader(
+        images, Batching(batch_size=16, shuffle=True, seed=3, device=CPU.device)
+    )
     loader.seed_epoch(3, epoch)
     normalise = BatchAugment(MEAN, STD)
     plain = normalise(torch.from_numpy(images.images).permute(0, 3, 1, 2))
@@ -169,17 +172,17 @@ def test_whitened_first_layer_decorrelates_patches_and_is_frozen(cifar_root, cac
     cfg = compose_train(
         *data_overrides(cifar_root, cache_dir, train=500, test=20), "model.whiten=true"
     )
-    settings = validate(cfg)
-    training = build(cfg, settings)
-    model = training.trainee.model
+    settings = preflight.check(cfg)
+    built = build(cfg, settings)
+    model = built.learner.model
     first = model.features[0][0]
-    assert training.params == 180_298 and not first.weight.requires_grad
-    assert all(first.weight is not p for g in training.trainee.optimizer.param_groups
+    assert built.params == 180_298 and not first.weight.requires_grad
+    assert all(first.weight is not p for g in built.learner.optimizer.param_groups
                for p in g["params"])  # fmt: skip
     # Its first 16 filters map the sampled training images' 3x3 patches to uncorrelated
     # components of unit variance, shrunk by eps for the weaker ones (λ / (λ + eps)); the other
     # 16 are their negatives.
-    images = training.loaders.train.images[::WHITEN_EVERY]
+    images = built.loaders.train.images[::WHITEN_EVERY]
     x = BatchAugment(MEAN, STD)(images).double()
     patches = torch.nn.functional.unfold(x, 3).transpose(1, 2).reshape(-1, 27)
     weights = first.weight.detach().double().reshape(32, 27)
@@ -257,4 +260,4 @@ def test_muon_views_share_the_filters_memory_and_a_scheduler_drives_both_optimiz
 
 def test_muon_with_fp16_loss_scaling_is_refused():
     with pytest.raises(UserError, match="optimizer=muon cannot train with trainer.precision=fp16"):
-        validate(compose_train("optimizer=muon", "trainer.precision=fp16"))
+        preflight.check(compose_train("optimizer=muon", "trainer.precision=fp16"))

@@ -12,6 +12,7 @@ import sysconfig
 import venv
 from pathlib import Path
 
+import pytest
 from conftest import REPO, data_overrides
 
 # Each other console script's --help, and an option of that entry point it shows.
@@ -39,6 +40,7 @@ def build_wheel(tmp_path: Path) -> Path:
     shutil.copytree(
         REPO / "cifar_exp", source / "cifar_exp", ignore=shutil.ignore_patterns("__pycache__")
     )
+    shutil.copytree(REPO / "conf", source / "conf", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     dist = tmp_path / "dist"
@@ -67,6 +69,7 @@ def fresh_env(tmp_path: Path) -> Path:
     return env_dir / "bin"
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
     cifar_root, cache_dir, tmp_path
 ):
@@ -81,12 +84,13 @@ def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = "import cifar_exp; print(cifar_exp.CONF_DIR)"
+    code = "import importlib.resources as r; print(r.files('cifar_exp.conf') / 'train.yaml')"
     where = run(bin_dir / "python", "-c", code, cwd=elsewhere, env=env)
     assert Path(where.strip()).is_relative_to(tmp_path / "venv")  # the wheel's, not the sources
 
     job = run(bin_dir / "cifar-train", "--cfg", "job", "model/norm=group", cwd=elsewhere, env=env)
-    assert "_target_: cifar_exp.models.ConvNet" in job and "cifar_exp.models.group_norm" in job
+    assert "_target_: cifar_exp.model.convnet.ConvNet" in job
+    assert "_target_: cifar_exp.model.convnet.group_norm" in job
     module = [bin_dir / "python", "-m", "cifar_exp.train", "--cfg", "job", "model/norm=group"]
     assert run(*module, cwd=elsewhere, env=env) == job
     # the package's launcher and search configs on top of the Hydra plugins' own

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_BLOCKS, RecordingTracker, make_record, make_trainee, read_metrics
+from conftest import TINY_BLOCKS, RecordingTracker, make_learner, make_record, read_metrics
 
-from cifar_exp import checkpoint
-from cifar_exp.interrupt import Interrupted
-from cifar_exp.models import ConvNet
-from cifar_exp.record import RunFacts, RunRecord, best_epoch, rewind_metrics
+from cifar_exp.engine import checkpoint
+from cifar_exp.engine.signals import Interrupted
+from cifar_exp.model.convnet import ConvNet
+from cifar_exp.track.record import RunFacts, RunRecord, best_epoch, rewind_metrics
 
 
 def epoch(n, test_acc, val_acc, test_loss=1.0):
@@ -26,10 +26,10 @@ HISTORY = [epoch(1, 0.30, 0.40), epoch(2, 0.50, 0.70), epoch(3, 0.60, 0.65)]
 
 def keep_all(run_dir, monitor):
     record = make_record(run_dir, monitor=monitor, epochs=3)
-    trainee = make_trainee(ConvNet(TINY_BLOCKS))
+    learner = make_learner(ConvNet(TINY_BLOCKS))
     for metrics in HISTORY:
-        record.end_epoch(dict(metrics), trainee)
-    return record, trainee
+        record.end_epoch(dict(metrics), learner)
+    return record, learner
 
 
 @pytest.mark.parametrize(("monitor", "best"), [("val_acc", 2), ("test_acc", 3), ("test_loss", 1)])
@@ -58,8 +58,8 @@ def test_ties_keep_the_earlier_epoch():
 
 def test_an_interrupted_checkpoint_holds_the_best_so_far(tmp_path):
     """The stop path once read a history that fit never returned: best -1.0."""
-    record, trainee = keep_all(tmp_path, "test_acc")
-    record.keep_interrupted(trainee, Interrupted(15, epoch=4, step=7))
+    record, learner = keep_all(tmp_path, "test_acc")
+    record.keep_interrupted(learner, Interrupted(15, epoch=4, step=7))
     stopped = checkpoint.load(tmp_path / "checkpoints" / "interrupted.pt")
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert (stopped["epoch"], stopped["step"]) == (4, 7)
@@ -71,7 +71,7 @@ def test_an_interrupted_checkpoint_holds_the_best_so_far(tmp_path):
 
 def test_a_rank_that_does_not_write_keeps_the_history_only(tmp_path):
     record = RunRecord(tmp_path / "run", RunFacts(), RecordingTracker(), writes=False)
-    record.end_epoch(dict(HISTORY[0]), make_trainee(ConvNet(TINY_BLOCKS)))
+    record.end_epoch(dict(HISTORY[0]), make_learner(ConvNet(TINY_BLOCKS)))
     assert record.history == HISTORY[:1]
     assert not (tmp_path / "run").exists()
 
@@ -92,11 +92,11 @@ def test_early_stopping_counts_the_epochs_since_the_best(tmp_path, patience, sto
         tmp_path, RunFacts(monitor="val_acc", epochs=5, config={}, patience=patience),
         RecordingTracker(),
     )  # fmt: skip
-    trainee = make_trainee(ConvNet(TINY_BLOCKS))
+    learner = make_learner(ConvNet(TINY_BLOCKS))
     for metrics in HISTORY[:2]:
-        record.end_epoch(dict(metrics), trainee)
+        record.end_epoch(dict(metrics), learner)
         assert not record.stops_early
-    record.end_epoch(dict(HISTORY[2]), trainee)
+    record.end_epoch(dict(HISTORY[2]), learner)
     assert record.stops_early is stops
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["stopped_early"] is stops and results["epochs"] == 3

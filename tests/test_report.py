@@ -44,6 +44,7 @@ def table_rows(report_md: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
+@pytest.mark.slow
 def test_sweep_runs_one_folder_per_norm(sweep):
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [r.name.split("_", 1)[0] for r in runs] == ["0", "1", "2"]
@@ -52,6 +53,7 @@ def test_sweep_runs_one_folder_per_norm(sweep):
         assert len(read_metrics(run)) == 1
 
 
+@pytest.mark.slow
 def test_report_has_one_row_per_run_with_its_numbers(report):
     rows = table_rows((report / "report.md").read_text())
     assert [row[1] for row in rows] == [f"model/norm={norm}" for norm in NORMS]
@@ -92,6 +94,7 @@ def test_report_logs_the_table_to_wandb(report):
     assert len(tables) == 1 and tables[0]["runs.nrows"] == 3
 
 
+@pytest.mark.slow
 def test_report_reads_each_runs_results_and_skips_a_run_without_them(sweep, tmp_path):
     """The numbers come from results.json alone: the report measures no network again."""
     copy = tmp_path / "copy"
@@ -109,6 +112,7 @@ def test_report_reads_each_runs_results_and_skips_a_run_without_them(sweep, tmp_
     assert third.name.endswith("layer_trainer.epochs-1")
 
 
+@pytest.mark.slow
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_cli("report", str(tmp_path / "empty"), check=False)
@@ -126,6 +130,7 @@ def section_rows(report_md: str, heading: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in rows]
 
 
+@pytest.mark.slow
 def test_report_aggregates_seeds_by_configuration_with_cis_and_welch(seed_sweep, tmp_path):
     run_cli("report", str(seed_sweep), "--images", "0", "--out", str(tmp_path))
     text = (tmp_path / "report.md").read_text()

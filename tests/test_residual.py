@@ -13,10 +13,10 @@ from conftest import compose_train, data_overrides, run_cli
 from hydra.utils import instantiate
 from test_variants import IMAGE, NORMS, TRANSITIONS, conv, depthwise, norm
 
-from cifar_exp import budget
-from cifar_exp.fast_layers import SubsampledConv2d, swap_in
-from cifar_exp.models import ConvNet, Residual
-from cifar_exp.validation import validate
+from cifar_exp.engine import preflight
+from cifar_exp.model import budget
+from cifar_exp.model.convnet import ConvNet, Residual
+from cifar_exp.model.fast_layers import SubsampledConv2d, swap_in
 
 
 def projection(cin: int, cout: int) -> int:
@@ -236,6 +236,7 @@ def test_an_unknown_global_pool_is_refused():
         ConvNet([{"convs": [8]}], global_pool="mean")
 
 
+@pytest.mark.slow
 def test_a_residual_network_over_budget_stops_before_loading_data(tmp_path):
     # small_best's last stage with plain 3x3 convolutions instead of separable ones
     proc = run_cli(
@@ -248,12 +249,13 @@ def test_a_residual_network_over_budget_stops_before_loading_data(tmp_path):
     assert "Traceback" not in output and not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_small_best_composes_stays_in_budget_and_trains(cifar_root, cache_dir, tmp_path):
     cfg = compose_train("experiment=small_best")
-    assert cfg.model._target_ == "cifar_exp.models.ConvNet" and cfg.trainer.epochs <= 30
+    assert cfg.model._target_ == "cifar_exp.model.convnet.ConvNet" and cfg.trainer.epochs <= 30
     model = instantiate(cfg.model)
     assert any(isinstance(m, Residual) for m in model.modules())
-    params, rf = budget.enforce(model, validate(cfg).budget, IMAGE)
+    params, rf = budget.enforce(model, preflight.check(cfg).budget, IMAGE)
     assert params < 200_000 and rf >= 44
     run_cli(
         "train", "experiment=small_best", *data_overrides(cifar_root, cache_dir, 256, 128),

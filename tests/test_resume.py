@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, compose_train, data_overrides, read_metrics, run_cli, wandb_records
+from hydra.utils import get_object
 
-from cifar_exp import checkpoint, resume
-from cifar_exp.builder import build
-from cifar_exp.validation import validate
+from cifar_exp.engine import checkpoint, preflight, resume
+from cifar_exp.engine.build import build
 
 TIMING = {"epoch_seconds", "images_per_second"}
 
@@ -81,6 +81,7 @@ def uninterrupted(cifar_root, cache_dir, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_and_resumed_ends_exactly_as_left_alone(
     uninterrupted, cifar_root, cache_dir, tmp_path
 ):
@@ -115,6 +116,7 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_as_left_alone(
     assert {2, 3} <= set(logged) and len(logged) == len(set(logged))
 
 
+@pytest.mark.slow
 def test_killed_with_a_weight_average_resumes_exactly(cifar_root, cache_dir, tmp_path):
     average = ["trainer.ema.decay=0.9", "trainer.ema.every=7"]  # steps 7, 14, 21, 28 of each epoch
     reference = tmp_path / "left-alone"
@@ -161,6 +163,7 @@ def write_old_format(path: Path) -> None:
     torch.save(state, path)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(
     uninterrupted, cifar_root, cache_dir, tmp_path
 ):
@@ -185,6 +188,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(
     assert_same_run(run_dir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_resume_auto_finds_the_newest_run_with_the_same_config(
     uninterrupted, cifar_root, cache_dir, tmp_path
 ):
@@ -219,8 +223,8 @@ def test_optimizer_state_follows_the_model_to_its_device(
     # Per-image augmentation: its loader keeps the images on the CPU, where its random-number
     # generator can live (there is none on meta).
     resumed.config.augment = compose_train("augment=s9").augment
-    training = build(resumed.config, validate(resumed.config), resumed=resumed)
-    optimizer = training.trainee.optimizer
+    built = build(resumed.config, preflight.check(resumed.config), resumed=resumed)
+    optimizer = built.learner.optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
     assert {p.device.type for p in params} == {"meta"}
     buffers = [s["momentum_buffer"] for s in optimizer.state.values()]
@@ -228,16 +232,30 @@ def test_optimizer_state_follows_the_model_to_its_device(
 
 
 def test_an_earlier_versions_config_is_brought_up_to_date():
-    old = {"model": {"blocks": [], "max_params": 1000, "min_rf": 5},
+    """The budget keys moved out of `model`; targets were renamed, then their modules moved
+    into the layered packages: each old target names today's object."""
+    old = {"model": {"_target_": "cifar_exp.models.ConvNet", "blocks": [], "max_params": 1000,
+                     "min_rf": 5, "norm": {"_target_": "cifar_exp.models.group_norm"}},
            "augment": {"_target_": "cifar_exp.augment.pipeline", "before_normalize": [
-               {"_target_": "albumentations.HorizontalFlip"}]}}  # fmt: skip
+               {"_target_": "albumentations.HorizontalFlip"}]},
+           "optimizer": {"_target_": "cifar_exp.optim.MuonForFilters"},
+           "scheduler": {"lr_scheduler": {"_target_": "cifar_exp.optim.WarmupLinear"}}}  # fmt: skip
     new = checkpoint.migrate(old)
-    assert new["budget"] == {"max_params": 1000, "min_rf": 5} and new["model"] == {"blocks": []}
-    assert new["augment"]["_target_"] == "cifar_exp.augment.Pipeline"
+    assert new["budget"] == {"max_params": 1000, "min_rf": 5}
+    assert new["augment"]["_target_"] == "cifar_exp.data.augment.Pipeline"
     assert new["augment"]["before_normalize"][0]["_target_"] == "albumentations.HorizontalFlip"
+    assert new["model"]["_target_"] == "cifar_exp.model.convnet.ConvNet"
+    targets = [new["model"]["_target_"], new["model"]["norm"]["_target_"],
+               new["augment"]["_target_"], new["optimizer"]["_target_"],
+               new["scheduler"]["lr_scheduler"]["_target_"]]  # fmt: skip
+    assert [get_object(t).__module__ for t in targets] == [
+        "cifar_exp.model.convnet", "cifar_exp.model.convnet", "cifar_exp.data.augment",
+        "cifar_exp.engine.optim", "cifar_exp.engine.optim",
+    ]  # fmt: skip
     assert old["model"]["max_params"] == 1000  # the given config is left as it was
 
 
+@pytest.mark.slow
 def test_a_job_started_again_in_its_folder_continues_there(cifar_root, cache_dir, tmp_path):
     """What submitit's requeue does: the same command in the folder that holds its checkpoint
     continues the run; a run of another config there is refused before any work."""

@@ -11,7 +11,7 @@ import yaml
 from conftest import compose_train, data_overrides, read_metrics, run_cli
 from optuna.trial import TrialState
 
-from cifar_exp.validation import validate
+from cifar_exp.engine import preflight
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,7 @@ def study_dir(cifar_root, cache_dir, tmp_path_factory):
     return out / "optuna" / "cifar_exp", logs
 
 
+@pytest.mark.slow
 def test_second_session_continues_the_study(study_dir):
     folder, logs = study_dir
     study = optuna.load_study(study_name="cifar_exp", storage=f"sqlite:///{folder}/optuna.db")
@@ -65,15 +66,16 @@ def test_best_trial_is_printed_and_written_to_the_sweep_folder(study_dir):
 
 
 def test_search_optimises_the_validation_accuracy():
-    search = validate(compose_train("hparams_search=optuna"))
+    search = preflight.check(compose_train("hparams_search=optuna"))
     assert search.data.val_size == 5000 and search.optimized_metric == "val_acc"
-    assert validate(compose_train()).optimized_metric == "test_acc"
-    held_out = validate(compose_train("data.val_size=10"))
+    assert preflight.check(compose_train()).optimized_metric == "test_acc"
+    held_out = preflight.check(compose_train("data.val_size=10"))
     assert held_out.optimized_metric == held_out.trainer.monitor == "val_acc"
-    chosen = validate(compose_train("data.val_size=10", "trainer.monitor=val_loss"))
+    chosen = preflight.check(compose_train("data.val_size=10", "trainer.monitor=val_loss"))
     assert chosen.optimized_metric == "val_loss"
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_is_recorded_failed_and_the_search_goes_on(
     cifar_root, cache_dir, tmp_path
 ):

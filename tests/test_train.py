@@ -8,9 +8,9 @@ import json
 import pytest
 from conftest import compose_train, data_overrides, read_metrics, run_cli, wandb_records
 
-from cifar_exp.checkpoint import load
-from cifar_exp.evaluate import predict_test_set
-from cifar_exp.validation import Data, checked
+from cifar_exp.engine.checkpoint import load
+from cifar_exp.engine.inference import predict_test_set
+from cifar_exp.settings import DataSettings, checked
 
 # The issue's list, written out: a change to loop.EPOCH_METRICS must be deliberate.
 METRIC_KEYS = {
@@ -39,6 +39,7 @@ def smoke_run(cifar_root, cache_dir, tmp_path_factory, home):
     return run_dir
 
 
+@pytest.mark.slow
 def test_smoke_training_learns_and_records_every_epoch(smoke_run):
     metrics = read_metrics(smoke_run)
     assert [m["epoch"] for m in metrics] == [1, 2]
@@ -92,6 +93,7 @@ def test_wandb_offline_run_reads_back_with_the_logged_metrics(smoke_run):
     assert [a["manifest"]["contents"][0]["path"] for a in models] == ["best.pt"]
 
 
+@pytest.mark.slow
 def test_evaluate_cli_scores_the_best_checkpoint(smoke_run, cifar_root, cache_dir, tmp_path):
     proc = run_cli(
         "evaluate",
@@ -108,6 +110,7 @@ def test_evaluate_cli_scores_the_best_checkpoint(smoke_run, cifar_root, cache_di
     assert (tmp_path / "per_class.json").is_file() and (tmp_path / "confusion.png").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_makes_its_own_wandb_run_with_the_checkpoint_hash(
     smoke_run, cifar_root, cache_dir, tmp_path
 ):
@@ -148,6 +151,7 @@ def sweep(cifar_root, cache_dir, tmp_path_factory):
     return sweep_dir
 
 
+@pytest.mark.slow
 def test_two_job_multirun_gives_two_wandb_runs_in_one_group(sweep):
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     # folder names that the project's commands take unquoted: no "=", "," or nesting
@@ -171,6 +175,7 @@ def test_two_job_multirun_gives_two_wandb_runs_in_one_group(sweep):
         assert any(r["type"] == "exit" for r in wandb_records(run))  # each run finished
 
 
+@pytest.mark.slow
 def test_a_sweep_jobs_folder_is_taken_as_the_readme_writes_it(sweep, cifar_root, cache_dir):
     """python -m cifar_exp.evaluate ckpt=<job>/checkpoints/best.pt and
     python -m cifar_exp.train trainer.resume=<job>, unquoted (once refused by Hydra's parser:
@@ -188,7 +193,7 @@ def test_a_sweep_jobs_folder_is_taken_as_the_readme_writes_it(sweep, cifar_root,
 def test_evaluate_flips_as_the_checkpoints_run_did_unless_told(smoke_run, cifar_root, cache_dir):
     checkpoint = load(smoke_run / "checkpoints" / "best.pt", option="ckpt")
     data_cfg = compose_train(*data_overrides(cifar_root, cache_dir, train=10, test=200)).data
-    data_settings = checked(Data, data_cfg)
+    data_settings = checked(DataSettings, data_cfg)
     plain_loss = predict_test_set(checkpoint, data_settings)[1].loss  # tested without flips
     flipped_loss = predict_test_set(checkpoint, data_settings, tta="flip")[1].loss
     checkpoint["config"]["trainer"]["test_flip"] = True
@@ -197,6 +202,7 @@ def test_evaluate_flips_as_the_checkpoints_run_did_unless_told(smoke_run, cifar_
     assert predict_test_set(checkpoint, data_settings, tta="none")[1].loss == plain_loss
 
 
+@pytest.mark.slow
 def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):
     proc = run_cli("evaluate", f"ckpt={tmp_path / 'missing.pt'}", f"hydra.run.dir={tmp_path}",
                    check=False)  # fmt: skip
@@ -206,6 +212,7 @@ def test_evaluate_without_a_checkpoint_file_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_the_run_patience_epochs_after_the_best(
     cifar_root, cache_dir, tmp_path
 ):
@@ -229,6 +236,7 @@ def test_early_stopping_ends_the_run_patience_epochs_after_the_best(
     )
 
 
+@pytest.mark.slow
 def test_debug_overfit_learns_one_batch_by_heart(cifar_root, cache_dir, tmp_path):
     run_cli(
         "train", "debug=overfit", f"data.root={cifar_root}", "data.format=folder",
@@ -242,6 +250,7 @@ def test_debug_overfit_learns_one_batch_by_heart(cifar_root, cache_dir, tmp_path
     assert "20 training and 100 test images" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_debug_profile_writes_the_operator_table_and_trace(cifar_root, cache_dir, tmp_path):
     """The preset, on smaller batches (8 steps of 32 instead of 128: quicker here)."""
     run_cli(

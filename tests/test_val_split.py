@@ -10,57 +10,61 @@ from conftest import (
     CPU,
     TINY_BLOCKS,
     data_overrides,
+    make_learner,
     make_record,
-    make_trainee,
     numbered_images,
     random_loader,
     read_metrics,
     run_cli,
 )
 
-from cifar_exp import checkpoint, data
+from cifar_exp.data import datasets
+from cifar_exp.data.loaders import Loaders
+from cifar_exp.engine import checkpoint
+from cifar_exp.engine.inference import predict
+from cifar_exp.engine.loop import LoopOptions, fit
 from cifar_exp.errors import UserError
-from cifar_exp.loaders import Loaders
-from cifar_exp.loop import EPOCH_METRICS, VAL_METRICS, LoopOptions, fit, predict
-from cifar_exp.models import ConvNet
+from cifar_exp.model.convnet import ConvNet
+from cifar_exp.settings import EPOCH_METRICS, VAL_METRICS
 
 
 def test_hold_out_is_balanced_disjoint_and_seeded():
     full = numbered_images()
-    train, val = data.hold_out(full, 50, seed=0)
+    train, val = datasets.hold_out(full, 50, seed=0)
     assert len(val.labels) == 50 and len(train.labels) == 150
     assert np.bincount(val.labels).tolist() == [5] * 10
     # the images are numbered by their first pixel: together they are the training set, once
     ids = np.concatenate([train.images[:, 0, 0, 0], val.images[:, 0, 0, 0]])
     assert sorted(ids.tolist()) == list(range(200))
     assert (train.labels == full.labels[train.images[:, 0, 0, 0]]).all()
-    same = data.hold_out(full, 50, seed=0)[1]
-    other = data.hold_out(full, 50, seed=1)[1]
+    same = datasets.hold_out(full, 50, seed=0)[1]
+    other = datasets.hold_out(full, 50, seed=1)[1]
     assert np.array_equal(same.images, val.images)
     assert not np.array_equal(other.images, val.images)
     # not simply the first images of each class
-    assert set(val.images[:, 0, 0, 0]) != set(data.balanced_subset(full.labels, 50))
+    assert set(val.images[:, 0, 0, 0]) != set(datasets.balanced_subset(full.labels, 50))
 
 
 @pytest.mark.parametrize("size", [200, 400])
 def test_hold_out_refuses_sizes_that_leave_nothing(size):
     with pytest.raises(UserError, match="data.val_size"):
-        data.hold_out(numbered_images(), size, seed=0)
+        datasets.hold_out(numbered_images(), size, seed=0)
 
 
 def test_fit_records_validation_metrics(tmp_path):
-    trainee = make_trainee(ConvNet(TINY_BLOCKS))
+    learner = make_learner(ConvNet(TINY_BLOCKS))
     loader, val_loader = random_loader(), random_loader(n=32, seed=1)
     record = make_record(tmp_path, monitor="val_acc", epochs=1)
-    fit(trainee, Loaders(loader, loader, val_loader), LoopOptions(1, 0, progress=False), record)
+    fit(learner, Loaders(loader, loader, val_loader), LoopOptions(1, 0, progress=False), record)
     (metrics,) = record.history
     assert tuple(metrics) == EPOCH_METRICS + VAL_METRICS
     assert read_metrics(tmp_path) == record.history
-    val_loss, predictions, targets, _ = predict(trainee.model, val_loader, CPU)
+    val_loss, predictions, targets, _ = predict(learner.model, val_loader, CPU)
     assert metrics["val_loss"] == pytest.approx(val_loss)
     assert metrics["val_acc"] == pytest.approx((predictions == targets).float().mean().item())
 
 
+@pytest.mark.slow
 def test_cli_reports_and_optimises_the_validation_accuracy(cifar_root, cache_dir, tmp_path):
     proc = run_cli(
         "train",
@@ -79,6 +83,7 @@ def test_cli_reports_and_optimises_the_validation_accuracy(cifar_root, cache_dir
     assert checkpoint.load(tmp_path / "checkpoints" / "best.pt")["monitor"]["metric"] == "val_acc"
 
 
+@pytest.mark.slow
 def test_val_metric_without_val_size_is_refused(tmp_path):
     proc = run_cli(
         "train", "optimized_metric=val_acc", "data.root=/nonexistent", f"hydra.run.dir={tmp_path}",

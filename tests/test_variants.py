@@ -11,8 +11,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cifar_exp import budget
-from cifar_exp.validation import validate
+from cifar_exp.engine import preflight
+from cifar_exp.model import budget
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 NORMS = sorted(p.stem for p in (CONF / "model" / "norm").glob("*.yaml"))
@@ -40,7 +40,7 @@ def norm(c: int) -> int:
     return 2 * c  # scale and shift per channel
 
 
-# sep_wide's parameters counted by hand from cifar_exp/conf/model/sep_wide.yaml, layer by layer.
+# sep_wide's parameters counted by hand from conf/model/sep_wide.yaml, layer by layer.
 SEP_WIDE_PARAMS = sum([
     conv(3, 3, 32), norm(32), conv(3, 32, 64), norm(64), conv(1, 64, 64),          # block 1
     depthwise(64), conv(1, 64, 96), norm(96), depthwise(96), conv(1, 96, 128), norm(128),
@@ -151,7 +151,7 @@ def test_every_transition_trains_a_step(transition):
 
 
 def test_shipped_models_are_within_the_default_budget():
-    limits = validate(compose_train()).budget
+    limits = preflight.check(compose_train()).budget
     for name in MODELS:
         budget.enforce(build(f"model={name}"), limits, IMAGE)
 
@@ -243,6 +243,7 @@ def test_a_misspelt_model_option_is_refused(overrides, expected):
         ),
     ],
 )
+@pytest.mark.slow
 def test_a_network_outside_its_budget_stops_before_loading_data(overrides, expected, tmp_path):
     # The data folder does not exist: the budget must be checked first to be reported.
     proc = run_cli(
@@ -273,7 +274,7 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
 def test_every_experiment_job_builds_a_network_within_the_budget(experiment):
     for job in sweep_jobs(experiment):
         cfg = compose_train(*job)
-        budget.enforce(instantiate(cfg.model), validate(cfg).budget, IMAGE)
+        budget.enforce(instantiate(cfg.model), preflight.check(cfg).budget, IMAGE)
 
 
 def test_seed_preset_stays_the_defaults():

@@ -15,7 +15,7 @@ from conftest import REPO, compose_train
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from cifar_exp.validation import validate
+from cifar_exp.engine import preflight
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 
@@ -58,7 +58,7 @@ def test_agent_arguments_compose_validate_and_set_the_values(path, end):
     command = agent_command(sweep, values)
     assert command[:4] == ["/usr/bin/env", sys.executable, "-m", "cifar_exp.train"]
     cfg = compose_train(*command[4:])
-    settings = validate(cfg)
+    settings = preflight.check(cfg)
     for key, value in values.items():
         composed = OmegaConf.select(cfg, key.replace("/", "."))
         if OmegaConf.is_config(composed):  # a group choice (scheduler=cosine, model/norm=group)
@@ -71,6 +71,7 @@ def test_agent_arguments_compose_validate_and_set_the_values(path, end):
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_program_accepts_the_agent_command_line(path):
     sweep = yaml.safe_load(path.read_text())
     command = agent_command(sweep, picked(sweep["parameters"], -1))

@@ -1,0 +1,190 @@
+"""CIFAR-10 as decoded uint8 arrays in memory, from the official files or an image folder tree.
+
+Both formats end as the same `ImageSet`: images (N, 32, 32, 3) uint8 and labels (N,) int64.
+Folder trees are decoded once and cached as .npy files, so re-runs do not decode again; within
+one process (a Hydra multirun) the arrays are kept in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets import CIFAR10, ImageFolder
+
+from cifar_exp import distributed
+from cifar_exp.errors import UserError
+from cifar_exp.settings import DataSettings
+
+log = logging.getLogger(__name__)
+
+
+class DataNotFoundError(UserError):
+    """The data set is not where the config says, and could not be fetched."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64
+    classes: tuple[str, ...]
+
+
+def missing_data_message(root: Path, fmt: str, detail: str) -> str:
+    return (
+        f"No data set at data.root={root} (data.format={fmt}): {detail}\n"
+        "Provide CIFAR-10 in one of two ways:\n"
+        f"  - data.format=official data.root={root}: downloads the official python batches\n"
+        "    into data.root (needs internet; about 170 MB, checked by md5), or put an existing\n"
+        "    cifar-10-batches-py/ folder there;\n"
+        "  - data.format=folder data.root=<dir>: an image tree\n"
+        "    <dir>/{train,test}/<class>/*.png|*.jpg with one folder per class."
+    )
+
+
+def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Indices of the first `limit` images taken class by class in turn: the same every time.
+
+    The k-th image of every class comes before the (k+1)-th of any, so each class gets
+    limit/num_classes images (up to rounding) and a larger limit extends a smaller one.
+    """
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    order = np.argsort(labels, kind="stable")
+    rank_in_class = np.empty(len(labels), dtype=np.int64)
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank_in_class[order] = np.arange(len(labels)) - starts
+    chosen = np.lexsort((labels, rank_in_class))[:limit]
+    return np.sort(chosen)
+
+
+def hold_out(train: ImageSet, size: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Split `size` images off a training set: (the rest, the validation set).
+
+    The validation images are class-balanced (as `balanced_subset`) and drawn in an order
+    shuffled by `seed`, so the same seed holds out the same images every time.
+    """
+    n = len(train.labels)
+    if size >= n:
+        raise UserError(
+            f"data.val_size={size} leaves no training images: the data has {n} (after "
+            "data.limit_train); hold out fewer, or 0 or null for no validation set"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    val = np.sort(order[balanced_subset(train.labels[order], size)])
+    rest = np.setdiff1d(np.arange(n), val)
+    return (
+        ImageSet(train.images[rest], train.labels[rest], train.classes),
+        ImageSet(train.images[val], train.labels[val], train.classes),
+    )
+
+
+def load_official(root: Path, split: str, limit: int | None) -> ImageSet:
+    batches = root / CIFAR10.base_folder
+    if batches.is_dir():  # present: check it, never download over it
+        try:
+            ds = CIFAR10(str(root), train=split == "train", download=False)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+            raise UserError(
+                f"{batches} is truncated or corrupted (its files fail the md5 check: {err}); "
+                f"delete the folder to download it again, or replace it with a good copy"
+            ) from None
+    else:
+        try:
+            ds = CIFAR10(str(root), train=split == "train", download=True)
+        except (OSError, RuntimeError) as err:  # no network, unreachable mirror, failed md5
+            raise DataNotFoundError(
+                missing_data_message(root, "official", f"download failed ({err})")
+            ) from err
+    labels = np.asarray(ds.targets, dtype=np.int64)
+    keep = balanced_subset(labels, limit)
+    return ImageSet(ds.data[keep], labels[keep], tuple(ds.classes))
+
+
+def decode(paths: list[str]) -> np.ndarray:
+    def read(path: str) -> np.ndarray:
+        try:
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"))
+        except OSError as err:  # unreadable, truncated or not an image
+            raise UserError(f"cannot read image {path} ({err}); delete or replace it") from None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # Pillow decodes without the GIL
+        return np.stack(list(pool.map(read, paths, chunksize=256)))
+
+
+def cache_key(paths: list[str]) -> str:
+    """Identity of a list of image files: their paths, sizes and modification times."""
+    digest = hashlib.sha256()
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def load_folder(root: Path, split: str, limit: int | None, cache_dir: Path | None) -> ImageSet:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataNotFoundError(
+            missing_data_message(root, "folder", f"{split_dir} is not a folder")
+        )
+    try:
+        tree = ImageFolder(str(split_dir))  # lists root/<class>/<image> in sorted order
+    except FileNotFoundError as err:
+        raise DataNotFoundError(missing_data_message(root, "folder", str(err))) from err
+    labels = np.asarray(tree.targets, dtype=np.int64)
+    keep = balanced_subset(labels, limit)
+    paths = [tree.samples[i][0] for i in keep]
+    classes = tuple(tree.classes)
+    if cache_dir is None:
+        return ImageSet(decode(paths), labels[keep], classes)
+
+    cache_file = cache_dir / f"{split}-{len(paths)}-{cache_key(paths)}.npy"
+    if cache_file.exists():
+        images = np.load(cache_file)
+    else:
+        log.info("Decoding %d %s images from %s (cached in %s)", len(paths), split, root, cache_dir)
+        images = decode(paths)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Write to a temporary file and rename, so an interrupted run leaves no broken cache.
+        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
+            np.save(tmp, images)
+        os.replace(tmp.name, cache_file)
+    return ImageSet(images, labels[keep], classes)
+
+
+@functools.lru_cache(maxsize=4)
+def load_split(
+    root: str, fmt: str, split: str, limit: int | None = None, cache_dir: str | None = None
+) -> ImageSet:
+    """One split of the data set, decoded; kept in memory for later calls with the same args."""
+    root_path = Path(root).expanduser().resolve()
+    if fmt == "official":
+        return load_official(root_path, split, limit)
+    return load_folder(root_path, split, limit, Path(cache_dir).expanduser() if cache_dir else None)
+
+
+def read(settings: DataSettings, split: str) -> ImageSet:
+    """The split named by the `data` settings, subset by its limit_<split>, read by this
+    process alone (evaluate; a DDP run's rank 0 at its end, when the others are done)."""
+    limit = settings.limit_train if split == "train" else settings.limit_test
+    return load_split(settings.root, settings.format, split, limit, settings.cache_dir)
+
+
+def load(settings: DataSettings, split: str) -> ImageSet:
+    """The split named by the `data` settings (`read`), by every rank of a run.
+
+    Under DDP rank 0 loads first (downloading or decoding into the cache) while the others
+    wait, then they read what it left: no two processes write the same files at once.
+    """
+    return distributed.main_first(lambda: read(settings, split), f"load the {split} images")

@@ -1,0 +1,84 @@
+"""A Hydra job and its sweep: a single run exits on a user error with its message; in a
+multirun a failed job is reported and the sweep goes on, and `SweepReport` lists the failures
+at its end."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from cifar_exp.errors import EXPECTED, debugging, exit_code, exit_on_user_error
+
+log = logging.getLogger("cifar_exp")
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """What a failed multirun job returns, so that the sweep goes on and reports it."""
+
+    message: str
+    exit_code: int
+
+
+def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run a Hydra job: a single run exits on a user error; a multirun job returns JobFailed."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        with exit_on_user_error():
+            return task(cfg)
+    try:
+        return task(cfg)
+    except EXPECTED as err:
+        if debugging():
+            raise
+        log.error("%s", err)
+        return JobFailed(str(err), exit_code(err))
+
+
+class SweepReport(Callback):
+    """At the end of a multirun, list the jobs that failed and why; exit non-zero if any did.
+
+    Launchers may run the jobs in other processes or on other machines (joblib, submitit),
+    each with its own copy of this callback: a failed job leaves a note in a folder of the
+    sweep, read back at the end.
+    """
+
+    def __init__(self) -> None:
+        self.notes: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # One folder per session: a continued optuna study reuses its sweep folder.
+        self.notes = Path(config.hydra.sweep.dir) / f".failed-jobs-{uuid.uuid4().hex[:8]}"
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        result = job_return._return_value  # the exception itself when the job raised
+        if job_return.status == JobStatus.FAILED:
+            message = f"{type(result).__name__}: {result}"
+        elif isinstance(result, JobFailed):
+            message = result.message
+        else:
+            return
+        job = job_return.hydra_cfg.hydra.job
+        self.notes.mkdir(parents=True, exist_ok=True)
+        (self.notes / f"{job.num}.txt").write_text(
+            f"job {job.num} ({job.override_dirname or 'no overrides'}): {message}"
+        )
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.notes is None or not self.notes.is_dir():
+            return
+        notes = sorted(self.notes.glob("*.txt"), key=lambda p: int(p.stem))
+        failures = [p.read_text() for p in notes]
+        shutil.rmtree(self.notes)
+        log.error("%d job(s) of the sweep failed:\n%s", len(failures), "\n".join(failures))
+        raise SystemExit(1)
