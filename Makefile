@@ -41,7 +41,7 @@ test: $(INSTALLED) lint ## the lint, then every test: pytest $(ARGS) (what CI ru
 	$(PY) -m pytest $(ARGS)
 
 # The edit loop: the tests not marked slow (those that train or run a command for seconds)
-test-quick: $(INSTALLED) lint ## the lint, then the tests not marked slow (under 3 minutes)
+test-quick: $(INSTALLED) lint ## the lint, then the tests not marked slow (the edit loop)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: $(INSTALLED) ## ruff check, ruff format --check, and the import layers (lint-imports)
