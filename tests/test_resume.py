@@ -242,6 +242,7 @@ def test_an_earlier_versions_config_is_brought_up_to_date():
            "scheduler": {"lr_scheduler": {"_target_": "cifar_exp.optim.WarmupLinear"}}}  # fmt: skip
     new = checkpoint.migrate(old)
     assert new["budget"] == {"max_params": 1000, "min_rf": 5}
+    assert new["model"].keys() == {"_target_", "blocks", "norm"}  # the limits left the model
     assert new["augment"]["_target_"] == "cifar_exp.data.augment.Pipeline"
     assert new["augment"]["before_normalize"][0]["_target_"] == "albumentations.HorizontalFlip"
     assert new["model"]["_target_"] == "cifar_exp.model.convnet.ConvNet"
