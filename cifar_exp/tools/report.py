@@ -15,6 +15,7 @@ The output folder is the one folder given, the common parent of several, or --ou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ class Run:
     label: str = ""  # the overrides that tell it apart from the other runs
     grid: Path | None = None  # its misclassified.png, once drawn
 
-    @property
+    @functools.cached_property
     def configuration(self) -> str:
         """Its configuration id (shared with the runs that differ only in seed or runtime
         keys), from its config: so runs of earlier versions, whose results.json kept an id

@@ -55,6 +55,9 @@ def choice_tags() -> list[str]:
     return tags
 
 
+TENSORBOARD = "tensorboard"  # the event files' folder in the run folder
+
+
 @contextlib.contextmanager
 def start_run(
     logger_cfg: DictConfig,
@@ -102,9 +105,6 @@ def start_run(
         if writer:
             writer.close()
     run.finish()
-
-
-TENSORBOARD = "tensorboard"  # the event files' folder in the run folder
 
 
 # The results that describe a model artifact (its metadata), beside any best_* accuracy.
