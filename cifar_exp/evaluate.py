@@ -11,8 +11,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from cifar_exp import files
 from cifar_exp.engine import checkpoint
-from cifar_exp.errors import exit_on_user_error
+from cifar_exp.engine.compute import device_problem
+from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.settings import CONF_PATH, DataSettings, checked
 from cifar_exp.track.per_class import ClassView
 from cifar_exp.track.tracker import start_run
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 def evaluate_checkpoint(cfg: DictConfig) -> tuple[dict, ClassView]:
     """Accuracy of the checkpoint's model on the test split, overall and per class, and the
     per-class view it comes from."""
+    if problem := device_problem("device", cfg.device):
+        raise UserError(problem)
     ckpt_path = Path(cfg.ckpt).expanduser()
     state = checkpoint.load(ckpt_path, option="ckpt")
     data_settings = checked(DataSettings, cfg.data, key="data")
@@ -53,13 +57,13 @@ def track(cfg: DictConfig, folder: Path, result: dict, view: ClassView) -> None:
 
 @hydra.main(config_path=CONF_PATH, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with exit_on_user_error():
-        result, view = evaluate_checkpoint(cfg)
     folder = Path(HydraConfig.get().runtime.output_dir)
     out = folder / "eval.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    view.write(folder)
-    track(cfg, folder, result, view)
+    with exit_on_user_error():
+        result, view = evaluate_checkpoint(cfg)
+        files.write_atomically(out, json.dumps(result, indent=2) + "\n")
+        view.write(folder)
+        track(cfg, folder, result, view)
     lines = [
         f"{name:>12s}  {100 * acc:6.2f}%" for name, acc in result["per_class_accuracy"].items()
     ]

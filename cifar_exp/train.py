@@ -33,7 +33,7 @@ def train(cfg: DictConfig) -> float:
     run_dir = Path(distributed.broadcast(job.runtime.output_dir))
     resumed = None
     if resume.continues(cfg, run_dir):
-        resumed = resume.load(cfg, run_dir, list(job.overrides.task))
+        resumed = resume.load(cfg, run_dir, list(job.overrides.task), dict(job.runtime.choices))
         cfg, settings = resumed.config, preflight.check(resumed.config)
     seed_everything(settings.seed, settings.trainer.deterministic)
     built = build(cfg, settings, ranks, resumed)

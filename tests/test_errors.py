@@ -22,7 +22,7 @@ from cifar_exp.engine.build import build
 from cifar_exp.errors import UserError
 from cifar_exp.model.convnet import ConvNet
 
-LOG_ONLY = {"train.log", ".hydra"}
+LOG_ONLY = {"train.log", ".hydra", ".lock"}  # .lock: the folder's lock, held while it ran
 
 
 def assert_refused(proc, expected: str, run_dir: Path | None = None, code: int | None = None):
@@ -185,7 +185,7 @@ def test_an_unwritable_output_folder_is_named_and_nothing_is_created(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     proc = run_cli("train", f"output_root={blocker / 'outputs'}", check=False)
-    assert_refused(proc, f"cannot write the run folder {blocker / 'outputs'}", code=2)
+    assert_refused(proc, f"cannot write the folder {blocker / 'outputs'}", code=2)
     assert "output_root=<folder>" in proc.stdout + proc.stderr
 
 
@@ -249,11 +249,11 @@ def test_a_bad_checkpoint_is_refused(how, expected, tmp_path):
 
 
 def run_files(run_dir: Path) -> dict[str, bytes]:
-    """The run folder's files and their bytes, less Hydra's log and records."""
+    """The run folder's files and their bytes, less Hydra's log and records and the lock."""
     return {
         str(p.relative_to(run_dir)): p.read_bytes()
         for p in run_dir.rglob("*")
-        if p.is_file() and p.name != "train.log" and ".hydra" not in p.parts
+        if p.is_file() and p.name not in ("train.log", ".lock") and ".hydra" not in p.parts
     }
 
 

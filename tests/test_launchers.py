@@ -12,7 +12,7 @@ import time
 import pytest
 import submitit
 import torch
-from conftest import CONF, REPO, data_overrides, read_metrics, run_cli, wandb_records
+from conftest import CONF, REPO, data_overrides, epochs_kept, read_metrics, run_cli, wandb_records
 from hydra import compose, initialize_config_dir
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
@@ -87,7 +87,7 @@ def test_submitit_requeues_a_job_on_its_pre_timeout_signal_and_it_resumes(
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not list(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.pt")):
+    while not any(epochs_kept(job) for job in tmp_path.glob("multirun/*/*/0_*")):
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "epoch 1 never finished"
         time.sleep(0.02)

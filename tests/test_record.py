@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_BLOCKS, RecordingTracker, make_learner, make_record, read_metrics
+from conftest import TINY_BLOCKS, RecordingTracker, make_learner, make_record
 
 from cifar_exp.engine import checkpoint
+from cifar_exp.engine.resume import Resumed
 from cifar_exp.engine.signals import Interrupted
 from cifar_exp.model.convnet import ConvNet
-from cifar_exp.track.record import RunFacts, RunRecord, best_epoch, rewind_metrics
+from cifar_exp.track.record import RunFacts, RunRecord, best_epoch, history_until, read_metrics
 
 
 def epoch(n, test_acc, val_acc, test_loss=1.0):
@@ -36,17 +37,18 @@ def keep_all(run_dir, monitor):
 def test_the_monitored_metric_chooses_best_pt_and_the_results(tmp_path, monitor, best):
     record, _ = keep_all(tmp_path, monitor)
     best_pt = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
-    assert best_pt["epoch"] == best and best_pt["metrics"] == HISTORY[best - 1]
+    assert best_pt["epoch"] == best and best_pt["history"] == HISTORY[:best]
     assert best_pt["monitor"] == {
         "metric": monitor, "best_epoch": best, "best_value": HISTORY[best - 1][monitor]
     }  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["state"] == "running"  # until `finish`
     assert results["monitor"] == monitor and results["best_epoch"] == best
     assert results["best_test_acc"] == HISTORY[best - 1]["test_acc"]  # the chosen model's
     assert results["final_test_acc"] == 0.60 and results["epochs"] == 3
     assert results["mean_epoch_seconds"] == pytest.approx(4.0)
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["epoch"] == 3
-    assert read_metrics(tmp_path) == HISTORY
+    assert read_metrics(tmp_path / "metrics.jsonl") == (HISTORY, [])
     assert not list(tmp_path.glob("**/*.tmp"))
 
 
@@ -76,13 +78,55 @@ def test_a_rank_that_does_not_write_keeps_the_history_only(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_rewind_drops_epochs_after_the_checkpoint_and_partial_lines(tmp_path):
+def test_a_damaged_metrics_line_is_skipped_not_a_reason_to_drop_later_ones(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')
-    assert rewind_metrics(metrics, 2, rewrite=False) == [{"epoch": 1}, {"epoch": 2}]
+    metrics.write_text('{"epoch": 1}\n{"epo\x00ch": 2\n{"epoch": 3}\n[4]\n{"epoch": 4}\n{"epo')
+    epochs, damaged = read_metrics(metrics)
+    assert epochs == [{"epoch": 1}, {"epoch": 3}, {"epoch": 4}]
+    assert damaged == ['{"epo\x00ch": 2', "[4]", '{"epo']
+    assert history_until(metrics, 4) == [{"epoch": 1}]  # epoch 2 is gone: the run stops there
     assert metrics.read_text().endswith('{"epo')  # read only
-    assert rewind_metrics(metrics, 2) == [{"epoch": 1}, {"epoch": 2}]
-    assert metrics.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def resume_at(record_dir, name="last.pt") -> Resumed:
+    path = record_dir / "checkpoints" / name
+    state = checkpoint.load(path)
+    return Resumed(path, state, state["config"])
+
+
+def test_resume_rewrites_best_pt_when_the_run_died_before_writing_it(tmp_path):
+    """Killed between last.pt and best.pt of its best epoch: last.pt holds the best weights."""
+    _, learner = keep_all(tmp_path, "test_acc")  # best: epoch 3, the last
+    checkpoints = tmp_path / "checkpoints"
+    stale = make_record(tmp_path / "other", epochs=3)
+    stale.end_epoch(dict(HISTORY[0]), learner)
+    (checkpoints / "best.pt").write_bytes(
+        (tmp_path / "other" / "checkpoints" / "best.pt").read_bytes()
+    )
+    (checkpoints / "best.pt.tmp").write_bytes(b"half a checkpoint")
+    record = make_record(tmp_path, epochs=3)
+    record.history = list(HISTORY)
+    record.start(learner, resume_at(tmp_path))
+    assert checkpoint.load(checkpoints / "best.pt")["epoch"] == 3
+    assert (checkpoints / "best.pt").read_bytes() == (checkpoints / "last.pt").read_bytes()
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_resume_sets_damaged_metrics_lines_aside_and_keeps_best_pt(tmp_path, caplog):
+    """A damaged line never drops the epochs after it nor replaces best.pt with a worse one."""
+    _, learner = keep_all(tmp_path, "val_acc")  # best: epoch 2
+    best_before = (tmp_path / "checkpoints" / "best.pt").read_bytes()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:30] + "\x00garbage"
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    record = make_record(tmp_path, monitor="val_acc", epochs=3)
+    resumed = resume_at(tmp_path)
+    record.history = resumed.state["history"]
+    record.start(learner, resumed)
+    assert read_metrics(tmp_path / "metrics.jsonl") == (HISTORY, [])
+    assert (tmp_path / "metrics.damaged.jsonl").read_text() == lines[1] + "\n"
+    assert (tmp_path / "checkpoints" / "best.pt").read_bytes() == best_before
+    assert "1 damaged line(s)" in caplog.text
 
 
 @pytest.mark.parametrize(("patience", "stops"), [(None, False), (1, True), (2, False)])

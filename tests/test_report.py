@@ -95,7 +95,7 @@ def test_report_logs_the_table_to_wandb(report):
 
 
 @pytest.mark.slow
-def test_report_reads_each_runs_results_and_skips_a_run_without_them(sweep, tmp_path):
+def test_report_reads_each_runs_results_and_lists_a_run_without_them(sweep, tmp_path):
     """The numbers come from results.json alone: the report measures no network again."""
     copy = tmp_path / "copy"
     shutil.copytree(sweep, copy)
@@ -103,9 +103,13 @@ def test_report_reads_each_runs_results_and_skips_a_run_without_them(sweep, tmp_
     results = json.loads((first / "results.json").read_text())
     results.update(params=123, receptive_field=45, best_test_acc=0.5)
     (first / "results.json").write_text(json.dumps(results))
-    (second / "results.json").unlink()  # killed before its first epoch ended, say
+    (second / "results.json").unlink()  # failed before training began, say
     proc = run_cli("report", str(copy), "--images", "0")
-    assert f"Skipping {second}: no results.json" in proc.stdout + proc.stderr
+    left_out = f"{second} (failed, no results.json: it stopped before training began)"
+    assert left_out in proc.stdout + proc.stderr
+    assert section_rows((copy / "report.md").read_text(), "## Not compared") == [
+        [str(second), "failed", "no results.json: it stopped before training began"]
+    ]
     rows = table_rows((copy / "report.md").read_text())
     assert [row[1] for row in rows] == ["model/norm=batch", "model/norm=layer"]
     assert rows[0][2:5] == ["123", "45", "50.00% (epoch 1, by test_acc)"]
@@ -117,7 +121,7 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_cli("report", str(tmp_path / "empty"), check=False)
     assert proc.returncode == 2
-    assert f"No runs in {tmp_path / 'empty'}" in proc.stderr
+    assert f"No finished run in {tmp_path / 'empty'}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "empty" / "report.md").exists()
 

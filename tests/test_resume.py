@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_train, data_overrides, read_metrics, run_cli, wandb_records
+from conftest import (
+    REPO,
+    compose_train,
+    data_overrides,
+    epochs_kept,
+    read_metrics,
+    run_cli,
+    wandb_records,
+)
 from hydra.utils import get_object
 
 from cifar_exp.engine import checkpoint, preflight, resume
@@ -45,10 +53,11 @@ def start(overrides: list[str], env: dict | None = None) -> subprocess.Popen:
 
 
 def stop_during_epoch_2(proc: subprocess.Popen, run_dir: Path, signum: int) -> str:
-    """Wait for epoch 1's checkpoint, let epoch 2 start, then send `signum`."""
+    """Wait for epoch 1's checkpoints (results.json comes after them), let epoch 2 start,
+    then send `signum`."""
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "last.pt").is_file():
+    while epochs_kept(run_dir) < 1:
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "epoch 1 never finished"
         time.sleep(0.02)
@@ -218,7 +227,7 @@ def test_optimizer_state_follows_the_model_to_its_device(
         *data_overrides(cifar_root, cache_dir, train=100, test=100), "trainer.device=meta",
         f"trainer.resume={uninterrupted}",
     )  # fmt: skip
-    resumed = resume.load(cfg, uninterrupted, [f"trainer.resume={uninterrupted}"])
+    resumed = resume.load(cfg, uninterrupted, [f"trainer.resume={uninterrupted}"], {})
     resumed.config.trainer.device = "meta"
     # Per-image augmentation: its loader keeps the images on the CPU, where its random-number
     # generator can live (there is none on meta).

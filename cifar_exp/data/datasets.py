@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
 import pickle
-import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import CIFAR10, ImageFolder
 
-from cifar_exp import distributed
+from cifar_exp import distributed, files
 from cifar_exp.errors import UserError
 from cifar_exp.settings import DataSettings
 
@@ -112,15 +113,66 @@ def load_official(root: Path, split: str, limit: int | None) -> ImageSet:
 
 
 def decode(paths: list[str]) -> np.ndarray:
+    """The images as one uint8 array, in RGB whatever their mode (grey, palette, RGBA); an
+    image that cannot be read, or whose size differs from the others', is refused by name."""
+
     def read(path: str) -> np.ndarray:
         try:
             with Image.open(path) as img:
                 return np.asarray(img.convert("RGB"))
-        except OSError as err:  # unreadable, truncated or not an image
+        except OSError as err:  # unreadable, truncated, not an image, a broken link
             raise UserError(f"cannot read image {path} ({err}); delete or replace it") from None
 
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # Pillow decodes without the GIL
-        return np.stack(list(pool.map(read, paths, chunksize=256)))
+        images = list(pool.map(read, paths, chunksize=256))
+    shapes = Counter(image.shape for image in images)
+    if len(shapes) > 1:
+        usual = shapes.most_common(1)[0][0]
+        odd = next(i for i, image in enumerate(images) if image.shape != usual)
+        height, width, _ = images[odd].shape
+        raise UserError(
+            f"image {paths[odd]} is {width}x{height} pixels, but the other images are "
+            f"{usual[1]}x{usual[0]} (in all, {len(images) - shapes[usual]} of another size); "
+            "resize those images or move them out of the data folder"
+        )
+    return np.stack(images)
+
+
+class ClassFolders(ImageFolder):
+    """ImageFolder, less the hidden folders (.ipynb_checkpoints, .cache) it would take for
+    classes; files without an image extension are skipped as ImageFolder does."""
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(
+            entry.name for entry in os.scandir(directory)
+            if entry.is_dir() and not entry.name.startswith(".")
+        )  # fmt: skip
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+def read_cache(path: Path) -> np.ndarray | None:
+    """Decoded images cached by an earlier run; None (and a warning) if damaged."""
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError) as err:
+        log.warning(
+            "The decoded-image cache %s is damaged (%s); decoding the images again", path, err
+        )
+        return None
+
+
+def write_cache(path: Path, images: np.ndarray) -> None:
+    """Cache decoded images for later runs; a cache that cannot be written is only a warning."""
+    buffer = io.BytesIO()
+    np.save(buffer, images)
+    try:
+        files.write_atomically(path, buffer.getbuffer(), shared=True)
+    except files.WriteFailed as err:
+        log.warning("The decoded images are not cached: %s", err)
 
 
 def cache_key(paths: list[str]) -> str:
@@ -139,7 +191,7 @@ def load_folder(root: Path, split: str, limit: int | None, cache_dir: Path | Non
             missing_data_message(root, "folder", f"{split_dir} is not a folder")
         )
     try:
-        tree = ImageFolder(str(split_dir))  # lists root/<class>/<image> in sorted order
+        tree = ClassFolders(str(split_dir))  # lists root/<class>/<image> in sorted order
     except FileNotFoundError as err:
         raise DataNotFoundError(missing_data_message(root, "folder", str(err))) from err
     labels = np.asarray(tree.targets, dtype=np.int64)
@@ -150,16 +202,11 @@ def load_folder(root: Path, split: str, limit: int | None, cache_dir: Path | Non
         return ImageSet(decode(paths), labels[keep], classes)
 
     cache_file = cache_dir / f"{split}-{len(paths)}-{cache_key(paths)}.npy"
-    if cache_file.exists():
-        images = np.load(cache_file)
-    else:
+    images = read_cache(cache_file)
+    if images is None:
         log.info("Decoding %d %s images from %s (cached in %s)", len(paths), split, root, cache_dir)
         images = decode(paths)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Write to a temporary file and rename, so an interrupted run leaves no broken cache.
-        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
-            np.save(tmp, images)
-        os.replace(tmp.name, cache_file)
+        write_cache(cache_file, images)
     return ImageSet(images, labels[keep], classes)
 
 

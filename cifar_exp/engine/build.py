@@ -17,7 +17,7 @@ from torch import nn
 from cifar_exp import distributed
 from cifar_exp.data import datasets
 from cifar_exp.data.loaders import Batching, Loaders
-from cifar_exp.engine import optim
+from cifar_exp.engine import checkpoint, optim
 from cifar_exp.engine.compute import resolve_compute, resolve_device
 from cifar_exp.engine.learner import Learner, Schedule
 from cifar_exp.engine.resume import Resumed
@@ -86,6 +86,8 @@ def build(
         datasets.load(settings.data, "test"),
     )
     check_data(train_set, test_set, settings)
+    if resumed:
+        checkpoint.check_classes(resumed.state, train_set.classes, f"trainer.resume={resumed.path}")
     if settings.model.whiten and not resumed:  # a resumed run's filters are in its checkpoint
         model.whiten_first_layer(normalised(train_set.images[::WHITEN_EVERY], settings.data))
     val_set = None

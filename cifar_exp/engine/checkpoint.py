@@ -11,7 +11,7 @@ are brought up to date as they are read (`migrate`).
 from __future__ import annotations
 
 import copy
-import os
+import io
 import pickle
 import random
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cifar_exp import files
 from cifar_exp.errors import UserError
 
 if TYPE_CHECKING:
@@ -77,11 +78,10 @@ def capture(learner: Learner, *, epoch: int, **extra: Any) -> dict:
 
 
 def save(checkpoint: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    """torch.save, written whole or not at all (`files.write_atomically`)."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    files.write_atomically(path, buffer.getbuffer())
 
 
 def require_file(path: Path, option: str = "trainer.resume") -> None:
@@ -119,6 +119,17 @@ def load(path: Path, option: str = "trainer.resume") -> dict:
         )
     checkpoint["config"] = migrate(checkpoint["config"])
     return checkpoint
+
+
+def check_classes(state: dict, classes: tuple[str, ...], source: str) -> None:
+    """Refuse data whose classes differ from those the checkpoint (named by `source`) was
+    trained on: its labels would silently mean other classes."""
+    saved = tuple(state.get("classes") or ())
+    if saved and classes != saved:
+        raise CheckpointError(
+            f"the data's classes ({', '.join(classes)}) differ from those {source} was trained "
+            f"on ({', '.join(saved)}); point data.root at the data set it was trained on"
+        )
 
 
 def damaged(option: str, path: Path, err: Exception) -> str:

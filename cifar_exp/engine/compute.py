@@ -66,6 +66,23 @@ def job_number() -> int:
     return OmegaConf.select(HydraConfig.get(), "job.num", default=0)
 
 
+def device_problem(option: str, name: str) -> str | None:
+    """What is wrong with the device `option`=`name` on this machine: a name PyTorch does not
+    know, a GPU it lacks; None when the device is there (or `auto`)."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"{option}={name} is not a device; use auto, cpu, cuda, cuda:<n> or mps"
+    gpus = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        return f"{option}={name}, but PyTorch sees {gpus} CUDA device(s) here; use auto or cpu"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"{option}={name}, but MPS is not available here; use auto or cpu"
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU (with a warning when the machine has
     a GPU that PyTorch cannot use); any other name is used as given. CUDA without a GPU number

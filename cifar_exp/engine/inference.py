@@ -14,10 +14,10 @@ from torch import nn
 
 from cifar_exp.data import datasets
 from cifar_exp.data.loaders import Batching
+from cifar_exp.engine import checkpoint
 from cifar_exp.engine.compute import Compute, resolve_compute, resolve_device
 from cifar_exp.engine.learner import Learner
 from cifar_exp.engine.optim import evaluated_weights
-from cifar_exp.errors import UserError
 from cifar_exp.settings import DataSettings, TrainerSettings, checked
 
 
@@ -96,10 +96,7 @@ def predict_test_set(
     compute = resolve_compute(resolve_device(device_name), trainer)
     # This process alone (no collectives): at a DDP run's end only rank 0 scores its best epoch.
     test_set = datasets.read(data_settings, "test")
-    if test_set.classes != tuple(state["classes"]):
-        raise UserError(
-            f"test classes {test_set.classes} differ from the model's {tuple(state['classes'])}"
-        )
+    checkpoint.check_classes(state, test_set.classes, "the checkpoint")
     batching = Batching(
         data_settings.batch_size, seed=0, device=compute.device,
         num_workers=data_settings.num_workers,

@@ -61,6 +61,8 @@ class SweepReport(Callback):
         self.notes = Path(config.hydra.sweep.dir) / f".failed-jobs-{uuid.uuid4().hex[:8]}"
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self.notes is None:  # a single run: its error is its own exit
+            return
         result = job_return._return_value  # the exception itself when the job raised
         if job_return.status == JobStatus.FAILED:
             message = f"{type(result).__name__}: {result}"

@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cifar_exp.engine.compute import resolve_device
+from cifar_exp.engine.compute import device_problem, resolve_device
 from cifar_exp.engine.learner import Schedule
 from cifar_exp.errors import UserError
 from cifar_exp.settings import Settings, checked, config_error
@@ -38,16 +38,8 @@ def check(cfg: DictConfig) -> Settings:
 
 def machine_problems(settings: Settings) -> list[str]:
     """What this machine cannot run: a device it lacks, DDP without torchrun's processes."""
-    trainer, problems = settings.trainer, []
-    device = torch.device(trainer.device) if trainer.device != "auto" else None
-    kind, gpus = device and device.type, torch.cuda.device_count()
-    if kind == "cuda" and (device.index or 0) >= gpus:
-        problems.append(
-            f"trainer.device={trainer.device}, but PyTorch sees {gpus} CUDA device(s) "
-            "here; use trainer.device=auto or cpu"
-        )
-    if kind == "mps" and not torch.backends.mps.is_available():
-        problems.append(f"trainer.device={trainer.device}, but MPS is not available here")
+    trainer = settings.trainer
+    problems = [p for p in [device_problem("trainer.device", trainer.device)] if p]
     if trainer.strategy != "ddp":
         return problems
     world_size = os.environ.get("WORLD_SIZE")

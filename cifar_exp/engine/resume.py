@@ -97,15 +97,42 @@ def overridden(overrides: list[str]) -> dict[str, str]:
     }
 
 
-def check_overrides(overrides: list[str], composed: dict, saved: dict, ignored: list[str]) -> None:
-    """A resumed run keeps its saved config: refuse command-line changes to the experiment."""
+def saved_choices(run_dir: Path) -> dict[str, str] | None:
+    """The config-group options the run in `run_dir` was composed with (its first session's
+    .hydra/hydra.yaml), or None when that record is missing."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return None
+    choices = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.choices", default={})
+    return {str(k): str(v) for k, v in OmegaConf.to_container(choices).items()}
+
+
+@dataclass(frozen=True)
+class RunChoices:
+    """The config groups' options: those this command composed, and those of the run it
+    continues (None: not recorded)."""
+
+    given: dict[str, str]
+    saved: dict[str, str] | None
+
+
+def check_overrides(
+    overrides: list[str], composed: dict, saved: dict, ignored: list[str], run: RunChoices
+) -> None:
+    """A resumed run keeps its saved config: refuse command-line changes to the experiment,
+    whether they set a value or choose a config group's option (`run`: the options given
+    and the ones the run was composed with)."""
     for key, text in overridden(overrides).items():
         if key in ignored:
             continue
-        new = OmegaConf.select(OmegaConf.create(composed), key, default=None)
-        old = OmegaConf.select(OmegaConf.create(saved), key, default=None)
-        if OmegaConf.is_config(new):
-            new, old = OmegaConf.to_container(new), OmegaConf.to_container(old or {})
+        if key in run.given:  # a config group: compare the options
+            new = run.given[key]
+            old = run.saved.get(key) if run.saved is not None else "unknown, no .hydra/hydra.yaml"
+        else:
+            new = OmegaConf.select(OmegaConf.create(composed), key, default=None)
+            old = OmegaConf.select(OmegaConf.create(saved), key, default=None)
+            if OmegaConf.is_config(new):
+                new, old = OmegaConf.to_container(new), OmegaConf.to_container(old or {})
         if new != old:
             raise UserError(
                 f"trainer.resume continues a run with its saved config, but the command line "
@@ -164,10 +191,10 @@ def continues(cfg: DictConfig, run_dir: Path) -> bool:
     return bool(cfg.trainer.resume) or (run_dir / LAST).is_file()
 
 
-def load(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Resumed:
+def load(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[str, str]) -> Resumed:
     """Read the checkpoint `cfg.trainer.resume` names in `run_dir` (without it, the folder's
     own last.pt), and the config to continue with: the saved one, with the `runtime_keys` that
-    the command line (`overrides`) sets."""
+    the command line (`overrides`, composed with the config groups' `choices`) sets."""
     path = checkpoint_path(cfg.trainer.resume or "auto", run_dir)
     state = checkpoint.load(path)
     if "step" in state:
@@ -185,7 +212,8 @@ def load(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Resumed:
             f"choose an empty folder (hydra.run.dir=<folder>), or continue that run with "
             f"trainer.resume={run_dir}"
         )
-    check_overrides(overrides, composed, state["config"], runtime_keys)
+    run = RunChoices(choices, saved_choices(run_dir))
+    check_overrides(overrides, composed, state["config"], runtime_keys, run)
     config = OmegaConf.create(state["config"])
     given = overridden(overrides)
     for key in [k for k in runtime_keys if k in given]:

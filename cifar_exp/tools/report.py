@@ -1,7 +1,7 @@
 """`python -m cifar_exp.report <sweep or run folders...>`: compare finished runs at a glance.
 
 Reads every run's results.json, metrics.jsonl and .hydra/ config (a run folder is one holding
-them; a sweep folder holds run folders) and writes, into the output folder:
+.hydra/; a sweep folder holds run folders) and writes, into the output folder:
   report.md   one row per run: the overrides that define it, parameters, receptive field,
               best and final test accuracy, epochs, mean epoch time; then one row per
               configuration id (runs differing only in seed pooled: n, mean ± std, range,
@@ -10,6 +10,10 @@ them; a sweep folder holds run folders) and writes, into the output folder:
               with a ±1 std band, on shared axes;
 and into each run folder misclassified.png, test images its best checkpoint gets wrong.
 The output folder is the one folder given, the common parent of several, or --out.
+
+Only finished runs are compared and pooled. The others are listed with their state (stopped,
+failed, killed, running, damaged), and so are a sweep's jobs that never started (from its
+multirun.yaml); a damaged run is named and the others are reported all the same.
 """
 
 from __future__ import annotations
@@ -24,15 +28,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp.engine import checkpoint
+from cifar_exp import files
+from cifar_exp.engine import checkpoint, run_folders
+from cifar_exp.engine.compute import device_problem
 from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.settings import DataSettings, checked
 from cifar_exp.tools import aggregate
 from cifar_exp.track import plots
 from cifar_exp.track.per_class import ClassView
-from cifar_exp.track.record import METRICS, RESULTS, configuration_id
+from cifar_exp.track.record import (
+    FAILED,
+    FINISHED,
+    METRICS,
+    RESULTS,
+    RUNNING,
+    configuration_id,
+    read_metrics,
+)
 from cifar_exp.track.tracker import log_comparison
 
 log = logging.getLogger("cifar_exp.report")
@@ -58,8 +74,9 @@ class Run:
 
 @dataclass
 class Comparison:
-    runs: list[Run]
+    runs: list[Run]  # the finished runs
     common: list[str] = field(default_factory=list)  # overrides every run shares
+    left_out: list[LeftOut] = field(default_factory=list)  # and why
 
     @property
     def configurations(self) -> dict[str, list[Run]]:
@@ -84,50 +101,136 @@ def defining_overrides(run_dir: Path, config: DictConfig) -> list[str]:
     return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded)
 
 
-def load_run(run_dir: Path) -> Run | None:
-    if not (run_dir / RESULTS).is_file():
+@dataclass(frozen=True)
+class LeftOut:
+    """A run, or a sweep's planned job, that is not in the comparison, and why."""
+
+    where: str  # the run folder, or the sweep job
+    state: str  # stopped, failed, killed, running, damaged, never started, unfinished
+    detail: str = ""
+
+    @property
+    def line(self) -> str:
+        return f"{self.where} ({', '.join(filter(None, [self.state, self.detail]))})"
+
+
+def last_error(run_dir: Path) -> str:
+    """The last error the run logged (train.log), or why there is nothing to say."""
+    log_file = run_dir / "train.log"
+    lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
+    errors = [line.split("] - ", 1)[-1] for line in lines if "[ERROR]" in line]
+    return errors[-1] if errors else f"no {RESULTS}: it stopped before training began"
+
+
+def run_state(run_dir: Path, results: dict | None, config: DictConfig) -> tuple[str, str]:
+    """The run's state and a line about it. A run that says it is running but whose folder no
+    process holds was killed. Results of versions that kept no state are finished when they
+    reached their last epoch (or stopped early)."""
+    if results is None:
+        return FAILED, last_error(run_dir)
+    planned = results.get("planned_epochs", config.trainer.epochs)
+    done = f"{results.get('epochs', 0)} of {planned} epochs"
+    state = results.get("state")
+    if state is None:
+        finished = results.get("epochs", 0) >= planned or results.get("stopped_early")
+        state = FINISHED if finished else "unfinished"
+    if state == RUNNING and not run_folders.in_use(run_dir):
+        state = "killed"
+    return state, ", ".join(filter(None, [done, results.get("error", "")]))
+
+
+def load_run(run_dir: Path) -> Run | LeftOut:
+    """The finished run in `run_dir`, or why it is left out."""
+    try:
+        results = (
+            json.loads((run_dir / RESULTS).read_text()) if (run_dir / RESULTS).is_file() else None
+        )
+        config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        overrides = defining_overrides(run_dir, config)
+        state, detail = run_state(run_dir, results, config)
+    except Exception as err:  # noqa: BLE001 - any damage to any file: name the run, go on
+        reason = (str(err).strip().splitlines() or [""])[0]
+        return LeftOut(str(run_dir), "damaged", f"{type(err).__name__}: {reason}")
+    if state != FINISHED:
+        return LeftOut(str(run_dir), state, detail)
+    metrics, damaged = read_metrics(run_dir / METRICS)
+    if damaged:
         log.warning(
-            "Skipping %s: no %s (no finished epoch, or written before cifar_exp kept one)",
-            run_dir, RESULTS,
-        )  # fmt: skip
-        return None
-    lines = (run_dir / METRICS).read_text().splitlines()
-    metrics = [json.loads(line) for line in lines if line.strip()]
-    results = json.loads((run_dir / RESULTS).read_text())
-    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    return Run(run_dir, config, defining_overrides(run_dir, config), metrics, results)
+            "%s: %d damaged line(s) of %s left out of its curves", run_dir, len(damaged), METRICS
+        )
+    return Run(run_dir, config, overrides, metrics, results)
 
 
-def sweep_job_number(run_dir: Path) -> int:
-    """The run's number in its sweep (hydra.job.num; 0 for a single run): its launch order."""
-    return int(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.get("num") or 0)
+def job_number(run_dir: Path) -> int:
+    """The run's number in its sweep (hydra.job.num; 0 for a single run): its launch order;
+    from the folder's name (<num>_<overrides>) if its .hydra/hydra.yaml is unreadable."""
+    try:
+        return int(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.get("num") or 0)
+    except Exception:  # noqa: BLE001 - a damaged run is still placed, and named by load_run
+        prefix = run_dir.name.split("_", 1)[0]
+        return int(prefix) if prefix.isdigit() else 0
+
+
+def planned_jobs(sweep_dir: Path) -> list[str]:
+    """The jobs the sweep in `sweep_dir` was to run, by number: each one's defining overrides
+    (a grid sweep), or `trial <n>` (a search); none when the folder is not a sweep's."""
+    if not (sweep_dir / "multirun.yaml").is_file():
+        return []
+    config = OmegaConf.load(sweep_dir / "multirun.yaml")
+    sweeper = config.hydra.sweeper
+    if "n_trials" in sweeper:
+        return [f"trial {n}" for n in range(sweeper.n_trials)]
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    excluded = set(config.get("runtime_keys", []))
+    return [
+        " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") not in excluded)
+        for batch in BasicSweeper.split_arguments(parsed, None)
+        for job in batch
+    ]
+
+
+def never_started(sweep_dir: Path, run_dirs: list[Path]) -> list[LeftOut]:
+    """The sweep's planned jobs with no run folder."""
+    started = {job_number(d) for d in run_dirs if d.parent == sweep_dir}
+    return [
+        LeftOut(f"{sweep_dir} job {n} ({overrides or 'no overrides'})", "never started")
+        for n, overrides in enumerate(planned_jobs(sweep_dir))
+        if n not in started
+    ]
 
 
 def find_runs(folders: Sequence[Path]) -> Comparison:
-    """Every run in the folders, sweep jobs in launch order; overrides split into shared ones
-    and each run's own."""
+    """Every finished run in the folders, sweep jobs in launch order, with overrides split
+    into shared ones and each run's own; and what is left out."""
     runs: list[Run] = []
+    left_out: list[LeftOut] = []
     for folder in folders:
-        if not folder.is_dir():
-            raise UserError(f"{folder} is not a folder")
         run_dirs = sorted(
-            (p.parent for p in folder.rglob(METRICS) if (p.parent / ".hydra").is_dir()),
-            key=lambda p: (p.parent, sweep_job_number(p), p.name),
+            {p.parent for p in folder.rglob(".hydra") if p.is_dir()},
+            key=lambda p: (p.parent, job_number(p), p.name),
         )
         if not run_dirs:
-            raise UserError(
-                f"No runs in {folder}: a run folder holds {METRICS}, {RESULTS} and .hydra/ "
-                "(python -m cifar_exp.train writes them)"
-            )
-        runs += [run for run in map(load_run, run_dirs) if run is not None]
+            left_out.append(LeftOut(str(folder), "no runs", "no run folder (one holding .hydra/)"))
+        for loaded in map(load_run, run_dirs):
+            (runs if isinstance(loaded, Run) else left_out).append(loaded)
+        left_out += never_started(folder, run_dirs)
+    if left_out:
+        log.warning(
+            "Left out of the comparison (not finished): %s",
+            "; ".join(o.line for o in left_out),
+        )  # fmt: skip
     if not runs:
-        raise UserError(f"No run in {', '.join(map(str, folders))} has finished an epoch")
+        raise UserError(
+            f"No finished run in {', '.join(map(str, folders))}: a run folder holds "
+            f"{RESULTS} with the state finished (python -m cifar_exp.train writes it)"
+        )
 
     shared = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
     for run in runs:
         own = [o for o in run.overrides if o not in shared]
         run.label = " ".join(own) or run.path.name
-    return Comparison(runs, sorted(shared))
+    return Comparison(runs, sorted(shared), left_out)
 
 
 def summarize(run: Run) -> dict[str, Any]:
@@ -185,12 +288,29 @@ def markdown(comparison: Comparison, rows: list[dict], out: Path) -> str:
             f"| {100 * row['final_test_acc']:.2f}% | {row['epochs']} "
             f"| {row['mean_epoch_seconds']:.1f} |"
         )
-    lines += ["", *by_configuration(comparison)]
+    lines += ["", *by_configuration(comparison), *left_out_section(comparison.left_out)]
     lines += ["", "![test accuracy and loss per epoch](report.png)", ""]
     for i, run in enumerate(comparison.runs):
         if run.grid:
             lines += [f"## {i}: {run.label}", "", f"![misclassified]({link(run.grid)})", ""]
     return "\n".join(lines)
+
+
+def left_out_section(left_out: list[LeftOut]) -> list[str]:
+    """report.md's list of the runs and jobs not compared, with their state."""
+    if not left_out:
+        return []
+    return [
+        "",
+        "## Not compared",
+        "",
+        f"{len(left_out)} run(s) or sweep job(s) did not finish and are in no table or figure "
+        "above.",
+        "",
+        "| run | state | details |",
+        "|---|---|---|",
+        *(f"| {o.where} | {o.state} | {o.detail} |" for o in left_out),
+    ]
 
 
 AGGREGATED = ("best_test_acc", "final_test_acc")
@@ -258,7 +378,10 @@ def by_configuration(comparison: Comparison) -> list[str]:
 
 def report(args: argparse.Namespace) -> Path:
     folders = [Path(f).expanduser().resolve() for f in args.folders]
-    comparison = find_runs(folders)
+    if missing := [f for f in folders if not f.is_dir()]:
+        raise UserError(f"{missing[0]} is not a folder; give run folders or sweep folders")
+    if problem := device_problem("--device", args.device):
+        raise UserError(problem)
     out = (
         Path(args.out).resolve()
         if args.out
@@ -266,7 +389,8 @@ def report(args: argparse.Namespace) -> Path:
         if len(folders) > 1
         else folders[0]
     )
-    out.mkdir(parents=True, exist_ok=True)
+    run_folders.check_writable(out, "--out <folder>")
+    comparison = find_runs(folders)
     rows = [summarize(run) for run in comparison.runs]
     # The grids may fail (data gone); draw them before report.md, so it never links a missing one.
     if args.images > 0:
@@ -281,7 +405,7 @@ def report(args: argparse.Namespace) -> Path:
         },
         out / "report.png",
     )
-    (out / "report.md").write_text(markdown(comparison, rows, out) + "\n")
+    files.write_atomically(out / "report.md", markdown(comparison, rows, out) + "\n")
     if args.wandb != "off":
         log_comparison(rows, curves, out, args.wandb, args.project)
     return out

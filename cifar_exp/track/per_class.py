@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from cifar_exp import files
 from cifar_exp.data import datasets
 from cifar_exp.engine.inference import Predictions, predict_test_set
 from cifar_exp.settings import DataSettings
@@ -75,7 +76,7 @@ class ClassView:
     def write(self, folder: Path) -> dict[str, Any]:
         """per_class.json and confusion.png in the folder; returns the summary."""
         summary = self.summary()
-        (folder / PER_CLASS).write_text(json.dumps(summary, indent=2) + "\n")
+        files.write_atomically(folder / PER_CLASS, json.dumps(summary, indent=2) + "\n")
         title = f"Confusion matrix, epoch {self.epoch} ({100 * summary['accuracy']:.2f}%)"
         plots.plot_confusion(self.confusion, self.classes, title, folder / CONFUSION)
         return summary

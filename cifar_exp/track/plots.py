@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,17 @@ import numpy as np
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from cifar_exp import files  # noqa: E402
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    """The figure as a PNG at `path`, written whole or not at all; the figure is closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    files.write_atomically(path, buffer.getbuffer())
+    return path
 
 
 def plot_curves(history: Sequence[dict], path: Path) -> Path:
@@ -26,9 +38,7 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_comparison(groups: dict[str, Sequence[Sequence[dict]]], path: Path) -> Path:
@@ -54,9 +64,7 @@ def plot_comparison(groups: dict[str, Sequence[Sequence[dict]]], path: Path) -> 
         ax.legend(fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_image_grid(
@@ -73,9 +81,7 @@ def plot_image_grid(
         ax.set_xlabel(caption, fontsize=9)  # a label, unlike free text, gets room in the layout
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_confusion(confusion: np.ndarray, classes: Sequence[str], title: str, path: Path) -> Path:
@@ -91,6 +97,4 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], title: str, pa
         ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
                 color="white" if count > dark else "black")  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)

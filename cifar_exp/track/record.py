@@ -1,16 +1,24 @@
 """The run record: the one writer of a run folder's files, and of the same to its W&B run
 (through its `Tracker`).
 
-    metrics.jsonl      one JSON object per finished epoch (rewound to the checkpoint on resume)
-    results.json       best and final scores, the epoch of the best and the metric that chose
-                       it, parameters, receptive field, epochs, mean epoch time (every epoch)
+    metrics.jsonl      one JSON object per finished epoch (rewritten from the checkpoint on
+                       resume; a damaged line is set aside in metrics.damaged.jsonl)
+    results.json       the run's state (running, stopped, failed, finished), best and final
+                       scores, the epoch of the best and the metric that chose it, parameters,
+                       receptive field, epochs, mean epoch time (at the start and every epoch)
     summary.txt        the network's torchinfo table, then the results
     graphs.png         loss and accuracy per epoch
     per_class.json     the best checkpoint's accuracy per class and confusion matrix (at the end)
     confusion.png      that confusion matrix
-    checkpoints/       last.pt and best.pt every epoch; interrupted.pt on a stop signal
+    checkpoints/       last.pt (from the start: epoch 0) and best.pt every epoch; interrupted.pt
+                       on a stop signal
     profile.txt        with trainer.profile_steps: the profiled steps' operators by their time
     profile_trace.json and their timeline (Perfetto, chrome://tracing)
+
+Every file is written whole or not at all (`files`). An epoch is committed by last.pt, which
+holds the history of every epoch so far: the files written before it (metrics.jsonl) or after
+it (best.pt, results.json) are brought in line with it when the run resumes (`repair`), so a
+run killed at any instant resumes to the same files and weights as a run left alone.
 
 "Best" is decided here alone: the epoch with the best value of `trainer.monitor` (the lowest
 loss or the highest accuracy; the earlier epoch on a tie), and with it whether the run stops
@@ -24,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_exp import files
 from cifar_exp.engine import checkpoint, profiling, resume, signals
 from cifar_exp.settings import SCORES, DataSettings, best_is_lowest, checked
 from cifar_exp.track import plots
@@ -50,8 +58,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METRICS, RESULTS, SUMMARY, GRAPHS = "metrics.jsonl", "results.json", "summary.txt", "graphs.png"
+DAMAGED_METRICS = "metrics.damaged.jsonl"
 PROFILE, TRACE = "profile.txt", "profile_trace.json"
 CHECKPOINTS = Path("checkpoints")
+LAST, BEST = CHECKPOINTS / "last.pt", CHECKPOINTS / "best.pt"
+# results.json's "state": what the run is doing, or how it ended.
+RUNNING, STOPPED, FAILED, FINISHED = "running", "stopped", "failed", "finished"
 
 
 def best_epoch(history: list[dict], metric: str) -> dict:
@@ -69,32 +81,36 @@ def configuration_id(config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def rewind_metrics(metrics_file: Path, epoch: int, rewrite: bool = True) -> list[dict]:
-    """The metrics of epochs 1..epoch (the checkpoint's), with later or partial lines dropped
-    from the file too when `rewrite`.
-
-    A run killed after writing an epoch's metrics but before its checkpoint, or in the
-    middle of a line, would otherwise get that epoch twice.
-    """
-    if not metrics_file.is_file():
-        return []
-    kept = []
-    for line in metrics_file.read_text().splitlines():
+def read_metrics(metrics_file: Path) -> tuple[list[dict], list[str]]:
+    """metrics.jsonl's epochs, and the lines that are not a JSON object of an epoch (a line
+    cut short by a crash, or damaged since): those are skipped, never a reason to drop the
+    lines after them."""
+    epochs, damaged = [], []
+    lines = metrics_file.read_text(errors="replace").splitlines() if metrics_file.is_file() else []
+    for line in filter(str.strip, lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a partial last line
-        if record.get("epoch") == len(kept) + 1 <= epoch:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            epochs.append(record)
+        else:
+            damaged.append(line)
+    return epochs, damaged
+
+
+def history_until(metrics_file: Path, epoch: int) -> list[dict]:
+    """Epochs 1..epoch from metrics.jsonl: the history of a checkpoint written before
+    checkpoints kept their own."""
+    kept: list[dict] = []
+    for record in read_metrics(metrics_file)[0]:
+        if record["epoch"] == len(kept) + 1 <= epoch:
             kept.append(record)
-    if rewrite:
-        write_atomically(metrics_file, "".join(json.dumps(m) + "\n" for m in kept))
     return kept
+
+
+def metrics_lines(history: list[dict]) -> str:
+    return "".join(json.dumps(m) + "\n" for m in history)
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,7 @@ class RunFacts:
     configuration_id: str = ""  # shared by the runs that differ only in seed or runtime keys
     tags: tuple[str, ...] = ()  # the W&B run's tags (kept in checkpoints for a resumed run)
     patience: int | None = None  # epochs after the best one before the run stops; None: never
+    network: str = ""  # the network's torchinfo table, summary.txt's first part
 
 
 class RunRecord:
@@ -145,7 +162,9 @@ class RunRecord:
     ) -> Iterator[RunRecord]:
         """The record of the run that `cfg` configures and `built` holds, continuing the
         `resumed` one if given, with its W&B run open for the block (marked failed if the
-        block raises)."""
+        block raises). A new run's folder gets its first checkpoint (epoch 0) here, so that
+        from now on the run can be resumed whenever it dies; a resumed run's folder is
+        repaired first. results.json says how the block ended."""
         config = OmegaConf.to_container(cfg, resolve=True)
         config_id = configuration_id(config)
         # A resumed run keeps its tags: this command's Hydra choices are not the run's.
@@ -161,9 +180,8 @@ class RunRecord:
             configuration_id=config_id,
             tags=(*dict.fromkeys([*tags, f"config:{config_id}"]),),
             patience=settings.trainer.early_stopping.patience,
+            network=built.summary,
         )
-        done = resumed.epoch if resumed else 0
-        history = rewind_metrics(run_dir / METRICS, done, rewrite=writes) if resumed else []
         log.info("Model:\n%s", built.summary)
         log.info(
             "%s; %d training and %d test images; run folder %s",
@@ -183,10 +201,57 @@ class RunRecord:
             tracker.summary.update(
                 {"params": facts.params, "receptive_field": facts.receptive_field}
             )
+            history = resumed_history(resumed, run_dir / METRICS) if resumed else []
+            done = resumed.epoch if resumed else 0
             record = cls(run_dir, facts, tracker, done_epochs=done, history=history, writes=writes)
             if writes:
-                (run_dir / SUMMARY).write_text(built.summary + "\n")
-            yield record
+                record.start(built.learner, resumed)
+            try:
+                yield record
+            except signals.Interrupted:
+                record.end_as(STOPPED)
+                raise
+            except BaseException as err:
+                record.end_as(FAILED, error=str(err).strip().splitlines()[:1])
+                raise
+
+    def start(self, learner: Learner, resumed: Resumed | None) -> None:
+        """The folder at the start: a new run's first checkpoint, or a resumed run's folder
+        repaired; summary.txt's network table; results.json with the state running. Temporary
+        files that a killed write left are removed first."""
+        files.remove_leftovers(self.run_dir, self.run_dir / CHECKPOINTS)
+        if resumed:
+            self.repair(resumed)
+        else:
+            checkpoint.save(self.checkpoint(learner, epoch=0), self.run_dir / LAST)
+        files.write_atomically(self.run_dir / SUMMARY, self.facts.network + "\n")
+        self.publish(self.results(RUNNING))
+
+    def repair(self, resumed: Resumed) -> None:
+        """Bring the folder in line with the checkpoint the run resumes from, whatever instant
+        the run died at: metrics.jsonl rewritten from the checkpoint's history (any damaged
+        line set aside in metrics.damaged.jsonl, and said), and best.pt rewritten when the
+        checkpoint's own epoch is the best one and the run died before best.pt was written."""
+        metrics_file = self.run_dir / METRICS
+        _, damaged = read_metrics(metrics_file)
+        for line in damaged:
+            files.append_line(self.run_dir / DAMAGED_METRICS, line)
+        if damaged:
+            log.warning(
+                "%d damaged line(s) of %s set aside in %s; the epochs come from %s",
+                len(damaged), metrics_file, DAMAGED_METRICS, resumed.path,
+            )  # fmt: skip
+        files.write_atomically(metrics_file, metrics_lines(self.history))
+        best, saved = self.best["epoch"] if self.history else None, saved_epoch(self.run_dir / BEST)
+        if best == resumed.epoch != saved:
+            log.info("Writing %s from %s: its epoch %d is the best", BEST, resumed.path, best)
+            files.write_atomically(self.run_dir / BEST, resumed.path.read_bytes())
+        elif best != saved:
+            log.warning(
+                "%s holds epoch %s, not the best epoch %s, whose weights are lost (the file was "
+                "damaged or removed); a later epoch that beats it writes %s again",
+                BEST, saved, best, BEST,
+            )  # fmt: skip
 
     @property
     def best(self) -> dict:
@@ -202,14 +267,14 @@ class RunRecord:
         )
 
     def end_epoch(self, metrics: dict, learner: Learner) -> None:
-        """Keep a finished epoch: its metrics line, its log, last.pt, and best.pt if it is the
-        best epoch so far."""
+        """Keep a finished epoch: its metrics line, its log, last.pt (which commits the
+        epoch), best.pt if it is the best epoch so far (after last.pt: a run that dies between
+        the two has the best weights in last.pt, and `repair` copies them), results.json."""
         self.history.append(metrics)
         if not self.writes:
             return
-        with (self.run_dir / METRICS).open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        results = self.results()
+        files.append_line(self.run_dir / METRICS, json.dumps(metrics))
+        results = self.results(RUNNING)
         swept = f"best_{self.facts.optimized_metric}"  # the W&B sweep files' metric
         self.tracker.log({**metrics, swept: results[swept]}, step=metrics["epoch"])
         log.info(
@@ -217,10 +282,10 @@ class RunRecord:
             metrics["epoch"], self.facts.epochs, metrics["train_loss"], metrics["train_acc"],
             metrics["test_loss"], metrics["test_acc"], metrics["lr"], metrics["epoch_seconds"],
         )  # fmt: skip
-        state = self.checkpoint(learner, epoch=metrics["epoch"], metrics=metrics)
-        checkpoint.save(state, self.run_dir / CHECKPOINTS / "last.pt")
+        state = self.checkpoint(learner, epoch=metrics["epoch"])
+        checkpoint.save(state, self.run_dir / LAST)
         if self.best is metrics:
-            checkpoint.save(state, self.run_dir / CHECKPOINTS / "best.pt")
+            checkpoint.save(state, self.run_dir / BEST)
         self.publish(results)
         if self.stops_early:
             log.info(
@@ -233,8 +298,18 @@ class RunRecord:
     def publish(self, results: dict[str, Any]) -> None:
         """The results so far into results.json and the W&B summary (every epoch, so a run
         that stops early has its best values in both)."""
-        write_atomically(self.run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+        files.write_atomically(self.run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
         self.tracker.summary.update(results)
+
+    def end_as(self, state: str, **details: Any) -> None:
+        """results.json's state when the run ends before `finish` (stopped or failed). A
+        write that fails here is logged, not raised: the error that ended the run matters."""
+        if not self.writes:
+            return
+        try:
+            self.publish({**self.results(state), **details})
+        except files.WriteFailed as err:
+            log.warning("The run's state (%s) was not recorded: %s", state, err)
 
     def keep_interrupted(self, learner: Learner, stop: signals.Interrupted) -> None:
         """The weights when a stop signal came mid-epoch, for a look; resuming restarts that
@@ -253,8 +328,10 @@ class RunRecord:
         """The profiled training steps: operators by their own time, and the timeline."""
         if not self.writes:
             return
-        (self.run_dir / PROFILE).write_text(profiling.operator_table(profiler) + "\n")
-        profiler.export_chrome_trace(str(self.run_dir / TRACE))
+        files.write_atomically(self.run_dir / PROFILE, profiling.operator_table(profiler) + "\n")
+        trace = self.run_dir / TRACE
+        profiler.export_chrome_trace(str(files.tmp_path(trace)))
+        files.tmp_path(trace).replace(trace)
         log.info(
             "Profiled %d training steps: %s (operators by time), %s (open in "
             "https://ui.perfetto.dev)",
@@ -262,54 +339,67 @@ class RunRecord:
         )  # fmt: skip
 
     def checkpoint(self, learner: Learner, **position: Any) -> dict:
-        """A checkpoint of the learner at `position` (epoch, and step or metrics), with the
-        config, the classes, the W&B run id and the monitored metric's best so far."""
+        """A checkpoint of the learner at `position` (epoch, and step for a stop mid-epoch),
+        with the history of the epochs so far, the config, the classes, the W&B run id and the
+        monitored metric's best so far."""
         best = {"metric": self.facts.monitor, "best_epoch": None, "best_value": None}
         if self.history:
             best.update(best_epoch=self.best["epoch"], best_value=self.best[self.facts.monitor])
         return checkpoint.capture(
-            learner, **position, config=self.facts.config, classes=list(self.facts.classes),
-            wandb_run_id=self.tracker.id, wandb_tags=list(self.facts.tags), monitor=best,
+            learner, **position, history=list(self.history), config=self.facts.config,
+            classes=list(self.facts.classes), wandb_run_id=self.tracker.id,
+            wandb_tags=list(self.facts.tags), monitor=best,
         )  # fmt: skip
 
-    def results(self) -> dict[str, Any]:
+    def results(self, state: str) -> dict[str, Any]:
+        """results.json: the run's state and facts, and its scores once it has an epoch."""
+        facts = {
+            "state": state,
+            "monitor": self.facts.monitor,
+            "epochs": len(self.history),
+            "planned_epochs": self.facts.epochs,
+            "params": self.facts.params,
+            "receptive_field": self.facts.receptive_field,
+            "optimized_metric": self.facts.optimized_metric,
+            "configuration_id": self.facts.configuration_id,
+        }
+        if not self.history:
+            return facts
         best, last = self.best, self.history[-1]
         return {
-            "monitor": self.facts.monitor,
+            **facts,
             "best_epoch": best["epoch"],
             **{f"best_{name}": best[name] for name in SCORES if name in best},
             "final_test_acc": last["test_acc"],
             "final_train_acc": last["train_acc"],
-            "epochs": last["epoch"],
             "stopped_early": self.stops_early,
-            "params": self.facts.params,
-            "receptive_field": self.facts.receptive_field,
             "mean_epoch_seconds": statistics.fmean(m["epoch_seconds"] for m in self.history),
-            "optimized_metric": self.facts.optimized_metric,
-            "configuration_id": self.facts.configuration_id,
         }
 
     def class_view(self) -> ClassView:
         """The best checkpoint's per-class view of the run's test set."""
-        state = checkpoint.load(self.run_dir / CHECKPOINTS / "best.pt")
+        state = checkpoint.load(self.run_dir / BEST)
         data_settings = checked(DataSettings, state["config"]["data"], key="data")
         device = state["config"]["trainer"]["device"]
         return ClassView.of_checkpoint(state, data_settings, device)
 
     def finish(self) -> dict[str, Any]:
-        """The results, written to results.json, summary.txt and the W&B summary, with the
-        curves, the best checkpoint's per-class view (per_class.json, confusion.png, W&B
-        panels) and the best checkpoint as a W&B artifact."""
-        results = self.results()
+        """The results, with the curves, the best checkpoint's per-class view (per_class.json,
+        confusion.png, W&B panels), summary.txt and the best checkpoint as a W&B artifact;
+        results.json last, whose state `finished` says all of them are written."""
+        results = self.results(FINISHED)
         if self.writes:
-            self.publish(results)
-            with (self.run_dir / SUMMARY).open("a") as f:
-                f.write("\nResults\n" + "".join(f"  {k}: {v}\n" for k, v in results.items()))
             graphs = plots.plot_curves(self.history, self.run_dir / GRAPHS)
             view = self.class_view()
             view.write(self.run_dir)
             self.tracker.log_class_view(view)
-            self.tracker.log_results(results, graphs, self.run_dir / CHECKPOINTS / "best.pt")
+            files.write_atomically(
+                self.run_dir / SUMMARY,
+                self.facts.network + "\n\nResults\n"
+                + "".join(f"  {k}: {v}\n" for k, v in results.items()),
+            )  # fmt: skip
+            self.tracker.log_results(results, graphs, self.run_dir / BEST)
+            self.publish(results)
         log.info(
             "Best %s %.4f at epoch %d (test accuracy %.4f), final test accuracy %.4f. "
             "Run folder: %s",
@@ -319,3 +409,19 @@ class RunRecord:
         name = self.facts.optimized_metric
         log.info("Optimised metric: best %s %.4f", name, results[f"best_{name}"])
         return results
+
+
+def resumed_history(resumed: Resumed, metrics_file: Path) -> list[dict]:
+    """The epochs a resumed run has kept: its checkpoint's history (metrics.jsonl for a
+    checkpoint of a version that did not keep one)."""
+    if "history" in resumed.state:
+        return resumed.state["history"]
+    return history_until(metrics_file, resumed.epoch)
+
+
+def saved_epoch(path: Path) -> int | None:
+    """The epoch of the checkpoint at `path`; None if there is none, or it is damaged."""
+    try:
+        return checkpoint.load(path, option="checkpoint")["epoch"]
+    except checkpoint.CheckpointError:
+        return None
