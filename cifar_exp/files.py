@@ -12,6 +12,7 @@ opens the folder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -60,7 +61,8 @@ def write_atomically(path: Path, data: bytes | memoryview | str, shared: bool = 
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder may be the trouble
+            tmp.unlink(missing_ok=True)
         raise write_failed(path, err) from None
 
 

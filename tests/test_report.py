@@ -6,10 +6,13 @@ import itertools
 import json
 import re
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
-from conftest import data_overrides, read_metrics, run_cli, wandb_records
+from conftest import REPO, data_overrides, read_metrics, run_cli, wandb_records
 from scipy import stats
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -166,3 +169,56 @@ def test_report_aggregates_seeds_by_configuration_with_cis_and_welch(seed_sweep,
         assert diff[4] == f"{p.pvalue:.3g}"
         assert diff[5] == ("yes" if p.pvalue < 0.05 else "no")
     assert (tmp_path / "report.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_reports_its_finished_runs_and_lists_the_others(
+    cifar_root, cache_dir, tmp_path
+):
+    """seed=0,1,2, killed during job 1: job 0 is compared, job 1 (killed) and job 2 (never
+    started) are listed with their state."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_exp.train", "-m", "seed=0,1,2", "logger=none",
+         *data_overrides(cifar_root, cache_dir, train=1500, test=100), "trainer.epochs=2",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(sweep.glob("1_*/results.json")):  # job 1 has begun training
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    (killed,) = sweep.glob("1_*")
+    assert json.loads((killed / "results.json").read_text())["state"] == "running"
+
+    out = run_cli("report", str(sweep), "--images", "0")
+    assert f"{killed} (killed, 0 of 2 epochs)" in out.stdout + out.stderr
+    text = (sweep / "report.md").read_text()
+    ((_, overrides, *_),) = table_rows(text)
+    assert "seed=0" in overrides.split()
+    assert [row[2] for row in section_rows(text, "## By configuration")] == ["1"]
+    assert section_rows(text, "## Not compared") == [
+        [str(killed), "killed", "0 of 2 epochs"],
+        [f"{sweep} job 2 (seed=2)", "never started", ""],
+    ]
+
+
+@pytest.mark.slow
+def test_a_damaged_run_is_named_and_the_others_are_reported(sweep, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy)
+    first, second, third = sorted(p for p in copy.iterdir() if p.is_dir() and p.name != "wandb")
+    with (first / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 2, "train_lo')  # a line cut short
+    (second / ".hydra" / "hydra.yaml").unlink()
+    (third / ".hydra" / "config.yaml").write_text("model: [unclosed\n")
+    proc = run_cli("report", str(copy), "--images", "0")
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output
+    assert f"{first}: 1 damaged line(s) of metrics.jsonl left out of its curves" in output
+    text = (copy / "report.md").read_text()
+    assert [row[1] for row in table_rows(text)] == ["model/norm=batch", "model/norm=group"]
+    ((where, state, detail),) = section_rows(text, "## Not compared")
+    assert (where, state) == (str(third), "damaged") and "while parsing" in detail

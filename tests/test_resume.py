@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -184,6 +185,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(
     assert "Traceback" not in output
     stopped = checkpoint.load(run_dir / "checkpoints" / "interrupted.pt")
     assert stopped["epoch"] == 2 and stopped["step"] >= 1
+    assert json.loads((run_dir / "results.json").read_text())["state"] == "stopped"
     # The best so far is epoch 1's, as in last.pt (once recorded as -1.0 here).
     (epoch_1,) = read_metrics(run_dir)
     assert stopped["monitor"] == checkpoint.load(run_dir / "checkpoints" / "last.pt")["monitor"]

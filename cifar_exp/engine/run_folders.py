@@ -156,7 +156,9 @@ class RunFolders(Callback):
                 stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
                 config.hydra.output_subdir = f".hydra/resumed-{stamp}"
             elif named_by_user(config, "hydra.run.dir"):
-                check_writable(Path(config.hydra.run.dir))
+                # evaluate has no output_root: its folder is hydra.run.dir alone
+                options = FOLDER_OPTIONS if "output_root" in config else "hydra.run.dir=<folder>"
+                check_writable(Path(config.hydra.run.dir), options)
             else:
                 config.hydra.run.dir = str(claim_folder(Path(config.hydra.run.dir)))
             self.held["run"] = lock(Path(config.hydra.run.dir))

@@ -172,8 +172,9 @@ def job_number(run_dir: Path) -> int:
 
 
 def planned_jobs(sweep_dir: Path) -> list[str]:
-    """The jobs the sweep in `sweep_dir` was to run, by number: each one's defining overrides
-    (a grid sweep), or `trial <n>` (a search); none when the folder is not a sweep's."""
+    """The jobs the sweep in `sweep_dir` was to run, by number: the overrides that tell each
+    apart from the others (a grid sweep), or `trial <n>` (a search); none when the folder is
+    not a sweep's."""
     if not (sweep_dir / "multirun.yaml").is_file():
         return []
     config = OmegaConf.load(sweep_dir / "multirun.yaml")
@@ -182,12 +183,9 @@ def planned_jobs(sweep_dir: Path) -> list[str]:
         return [f"trial {n}" for n in range(sweeper.n_trials)]
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-    excluded = set(config.get("runtime_keys", []))
-    return [
-        " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") not in excluded)
-        for batch in BasicSweeper.split_arguments(parsed, None)
-        for job in batch
-    ]
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
+    return [" ".join(o for o in job if o not in shared) for job in jobs]
 
 
 def never_started(sweep_dir: Path, run_dirs: list[Path]) -> list[LeftOut]:

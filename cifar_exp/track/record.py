@@ -212,7 +212,7 @@ class RunRecord:
                 record.end_as(STOPPED)
                 raise
             except BaseException as err:
-                record.end_as(FAILED, error=str(err).strip().splitlines()[:1])
+                record.end_as(FAILED, error=(str(err).strip().splitlines() or [repr(err)])[0])
                 raise
 
     def start(self, learner: Learner, resumed: Resumed | None) -> None:
