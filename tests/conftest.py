@@ -126,12 +126,6 @@ def seed_sweep(cifar_root, cache_dir, tmp_path_factory) -> Path:
     return sweep_dir
 
 
-def epochs_kept(run_dir: Path) -> int:
-    """The epochs a run has committed with their checkpoints (results.json comes last)."""
-    results = run_dir / "results.json"
-    return json.loads(results.read_text())["epochs"] if results.is_file() else 0
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -12,11 +12,13 @@ import time
 import pytest
 import submitit
 import torch
-from conftest import CONF, REPO, data_overrides, epochs_kept, read_metrics, run_cli, wandb_records
+from conftest import CONF, REPO, data_overrides, read_metrics, run_cli, wandb_records
 from hydra import compose, initialize_config_dir
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+from cifar_exp.track.record import epochs_kept
 
 
 def sweep(out, *overrides, cifar_root, cache_dir):

@@ -17,7 +17,6 @@ from conftest import (
     REPO,
     compose_train,
     data_overrides,
-    epochs_kept,
     read_metrics,
     run_cli,
     wandb_records,
@@ -26,6 +25,7 @@ from hydra.utils import get_object
 
 from cifar_exp.engine import checkpoint, preflight, resume
 from cifar_exp.engine.build import build
+from cifar_exp.track.record import epochs_kept
 
 TIMING = {"epoch_seconds", "images_per_second"}
 

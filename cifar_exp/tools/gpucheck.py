@@ -51,6 +51,7 @@ from cifar_exp.engine.compute import seed_everything, unusable_gpu
 from cifar_exp.engine.loop import CHECK_EVERY, train_epoch
 from cifar_exp.errors import USAGE_ERROR
 from cifar_exp.settings import CONF_MODULE
+from cifar_exp.track.record import epochs_kept
 
 TIMING = ("epoch_seconds", "images_per_second")
 BENCH_VARIANTS = (
@@ -136,8 +137,8 @@ class Check:
         self, name: str, *overrides: str, stop_after_epoch_1: bool = False
     ) -> tuple[int, Path]:
         """`python -m cifar_exp.train` into work/<name>; its exit status and folder. With
-        `stop_after_epoch_1`, sent SIGTERM once epoch 1 is kept (its last.pt is there), as a
-        user stopping it then would: it stops after the next step."""
+        `stop_after_epoch_1`, sent SIGTERM once epoch 1 is kept (`epochs_kept`), as a user
+        stopping it then would: it stops after the next step."""
         run_dir = self.work / name
         with (self.work / f"{name}.log").open("a") as log_file:  # a resumed run adds to it
             proc = subprocess.Popen(
@@ -147,8 +148,9 @@ class Check:
             )  # fmt: skip
             if stop_after_epoch_1:
                 deadline = time.monotonic() + STOP_TIMEOUT_S
-                last = run_dir / "checkpoints" / "last.pt"
-                while proc.poll() is None and not last.is_file() and time.monotonic() < deadline:
+                while (
+                    proc.poll() is None and not epochs_kept(run_dir) and time.monotonic() < deadline
+                ):
                     time.sleep(0.02)
                 proc.send_signal(signal.SIGTERM)  # nothing, if it has already ended
             return proc.wait(), run_dir

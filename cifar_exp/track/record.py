@@ -109,6 +109,15 @@ def history_until(metrics_file: Path, epoch: int) -> list[dict]:
     return kept
 
 
+def epochs_kept(run_dir: Path) -> int:
+    """How many epochs the run in `run_dir` has committed with their checkpoints, as its
+    results.json says (written after them); 0 before the first, or while it is unreadable."""
+    try:
+        return json.loads((run_dir / RESULTS).read_text())["epochs"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def metrics_lines(history: list[dict]) -> str:
     return "".join(json.dumps(m) + "\n" for m in history)
 
