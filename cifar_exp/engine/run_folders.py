@@ -141,6 +141,10 @@ class RunFolders(Callback):
     def __init__(self) -> None:
         self.held: dict[str, filelock.BaseFileLock] = {}  # by role: run, sweep, job
 
+    def __getstate__(self) -> dict:
+        # Launchers ship the callbacks to the jobs' processes; a lock stays with its process.
+        return {**self.__dict__, "held": {}}
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         resumed = OmegaConf.select(config, "trainer.resume", default=None)
         with stop_on_error(), read_write(config.hydra), open_dict(config.hydra):

@@ -153,6 +153,7 @@ class RunRecord:
         writes: bool = True,
     ) -> None:
         self.run_dir, self.facts, self.tracker, self.writes = run_dir, facts, tracker, writes
+        self.ended_as: str | None = None  # the state the run ended in before `finish`
         self.next_epoch = done_epochs + 1
         self.history = list(history or [])
         if writes:
@@ -217,11 +218,9 @@ class RunRecord:
                 record.start(built.learner, resumed)
             try:
                 yield record
-            except signals.Interrupted:
-                record.end_as(STOPPED)
-                raise
             except BaseException as err:
-                record.end_as(FAILED, error=(str(err).strip().splitlines() or [repr(err)])[0])
+                if record.ended_as is None:  # not a stop signal's (keep_interrupted)
+                    record.end_as(FAILED, error=(str(err).strip().splitlines() or [repr(err)])[0])
                 raise
 
     def start(self, learner: Learner, resumed: Resumed | None) -> None:
@@ -313,6 +312,7 @@ class RunRecord:
     def end_as(self, state: str, **details: Any) -> None:
         """results.json's state when the run ends before `finish` (stopped or failed). A
         write that fails here is logged, not raised: the error that ended the run matters."""
+        self.ended_as = state
         if not self.writes:
             return
         try:
@@ -321,17 +321,17 @@ class RunRecord:
             log.warning("The run's state (%s) was not recorded: %s", state, err)
 
     def keep_interrupted(self, learner: Learner, stop: signals.Interrupted) -> None:
-        """The weights when a stop signal came mid-epoch, for a look; resuming restarts that
-        epoch from last.pt."""
-        if not self.writes:
-            return
-        state = self.checkpoint(learner, epoch=stop.epoch, step=stop.step)
-        checkpoint.save(state, self.run_dir / CHECKPOINTS / "interrupted.pt")
-        log.warning(
-            "%s. Weights so far: checkpoints/interrupted.pt. Continue with "
-            "trainer.resume=%s (restarts epoch %d)",
-            stop, self.run_dir, stop.epoch,
-        )  # fmt: skip
+        """The weights when a stop signal came mid-epoch, for a look (resuming restarts that
+        epoch from last.pt), and the state stopped."""
+        if self.writes:
+            state = self.checkpoint(learner, epoch=stop.epoch, step=stop.step)
+            checkpoint.save(state, self.run_dir / CHECKPOINTS / "interrupted.pt")
+            log.warning(
+                "%s. Weights so far: checkpoints/interrupted.pt. Continue with "
+                "trainer.resume=%s (restarts epoch %d)",
+                stop, self.run_dir, stop.epoch,
+            )  # fmt: skip
+        self.end_as(STOPPED)
 
     def keep_profile(self, profiler: torch.profiler.profile) -> None:
         """The profiled training steps: operators by their own time, and the timeline."""
