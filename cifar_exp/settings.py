@@ -12,6 +12,7 @@ before loading data.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
@@ -66,6 +67,16 @@ Score = Literal[SCORES]
 
 
 class Section(BaseModel):
+    """A config section whose keys are all declared: any other is refused (a typo such as
+    trainer.epoch, with or without Hydra's +)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FreeSection(Section):
+    """A section whose other keys go to the class it configures (a model's blocks, an
+    optimizer's or scheduler's arguments), which checks them when the builder calls it."""
+
     model_config = ConfigDict(extra="allow")
 
 
@@ -138,17 +149,17 @@ class DataSettings(Section):
     image_size: PositiveInt = 32
 
 
-class SchedulerSettings(Section):
+class SchedulerSettings(FreeSection):
     interval: Literal["epoch", "step"]
     monitor: str | None = None
 
 
-class OptimizerSettings(Section):
+class OptimizerSettings(FreeSection):
     lr: PositiveFloat
     weight_decay: float = Field(default=0.0, ge=0)
 
 
-class ModelSettings(Section):
+class ModelSettings(FreeSection):
     in_channels: PositiveInt = 3
     num_classes: PositiveInt = 10
     dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -183,6 +194,11 @@ class Settings(Section):
     model: ModelSettings
     budget: BudgetSettings = BudgetSettings()
     param_groups: ParamGroups = ParamGroups()
+    # Checked by the classes they configure: the augmentation (preflight) and the W&B run.
+    augment: dict[str, Any] = {}
+    logger: dict[str, Any] = {}
+    output_root: str = "outputs"
+    runtime_keys: list[str] = []
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -265,6 +281,13 @@ def checked(section: type[S], cfg: DictConfig | dict, key: str = "") -> S:
     try:
         return section.model_validate(values)
     except ValidationError as err:
+        # A key the schema lacks is most likely a typo: say so alone, with the nearest key.
+        unknown = [e["loc"] for e in err.errors() if e["type"] == "extra_forbidden"]
+        if unknown:
+            lines = [
+                unknown_key_message([key, *loc] if key else loc, section, key) for loc in unknown
+            ]
+            raise UserError("\n".join(lines)) from None
         raise config_error(
             f"{'.'.join(map(str, [key, *e['loc']] if key else e['loc']))}={e.get('input')!r}: "
             f"{e['msg']}"
@@ -272,6 +295,29 @@ def checked(section: type[S], cfg: DictConfig | dict, key: str = "") -> S:
             else e["msg"].removeprefix("Value error, ")
             for e in err.errors()
         ) from None
+
+
+def schema_keys(section: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key that `section` declares, its nested sections' keys included."""
+    keys = []
+    for name, field in section.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += schema_keys(field.annotation, f"{dotted}.")
+    return keys
+
+
+def unknown_key_message(loc: Iterable, section: type[BaseModel], key: str = "") -> str:
+    """One line for a key the schema does not have, naming the nearest one it has."""
+    dotted = ".".join(map(str, loc))
+    known = schema_keys(section, f"{key}." if key else "")
+    nearest = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+    hint = f"did you mean {nearest[0]}?" if nearest else "it is not in the config"
+    return (
+        f"unknown config key {dotted}: {hint} (the command with --cfg job "
+        "lists every key)"
+    )
 
 
 def config_error(problems: Iterable[str]) -> UserError:
