@@ -38,7 +38,8 @@ CONF_MODULE = "cifar_exp.conf"
 CONF_PATH = f"pkg://{CONF_MODULE}"  # what hydra.main takes
 
 # The vocabularies: each the one list of its names.
-FORMATS = ("official", "folder")  # data.format: the official batches, or an image folder tree
+# data.format: the official batches, or an image folder tree (auto: what data.root holds)
+FORMATS = ("official", "folder")
 LAST_BATCH = ("keep", "fill", "drop")  # data.last_batch: what becomes of a partial last batch
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 # torch.compile's modes: reduce-overhead replays CUDA graphs, max-autotune also times kernels.
@@ -135,7 +136,7 @@ class TrainerSettings(Section):
 
 class DataSettings(Section):
     root: str = "./data"
-    format: Literal[FORMATS]
+    format: Literal[("auto", *FORMATS)] = "auto"
     batch_size: PositiveInt
     last_batch: Literal[("auto", *LAST_BATCH)] = "auto"
     num_workers: NonNegativeInt = 0
@@ -314,10 +315,7 @@ def unknown_key_message(loc: Iterable, section: type[BaseModel], key: str = "") 
     known = schema_keys(section, f"{key}." if key else "")
     nearest = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
     hint = f"did you mean {nearest[0]}?" if nearest else "it is not in the config"
-    return (
-        f"unknown config key {dotted}: {hint} (the command with --cfg job "
-        "lists every key)"
-    )
+    return f"unknown config key {dotted}: {hint} (the command with --cfg job lists every key)"
 
 
 def config_error(problems: Iterable[str]) -> UserError:

@@ -84,7 +84,7 @@ GATE = [
     (["data.limit_train=5"], "data.limit_train=5 is fewer images than the 10 classes"),
     (["data.val_size=500", "data.limit_train=400"],
      "data.val_size=500 leaves no training images of data.limit_train=400"),
-    (["data.format=hdf5"], "data.format='hdf5': Input should be 'official' or 'folder'"),
+    (["data.format=hdf5"], "data.format='hdf5': Input should be 'auto', 'official' or 'folder'"),
     (["seed=-1"], "seed=-1: Input should be greater than or equal to 0"),
     (["trainer.device=gpu"], "trainer.device='gpu': Value error, not a device"),
     (["trainer.device=cuda:99"], "trainer.device=cuda:99, but PyTorch sees"),

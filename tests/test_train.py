@@ -111,6 +111,21 @@ def test_evaluate_cli_scores_the_best_checkpoint(smoke_run, cifar_root, cache_di
 
 
 @pytest.mark.slow
+def test_evaluate_finds_the_data_where_the_run_trained(smoke_run, cifar_root, tmp_path):
+    ckpt = smoke_run / "checkpoints" / "best.pt"
+    run_cli("evaluate", f"ckpt={ckpt}", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert json.loads((tmp_path / "eval.json").read_text())["data"] == {
+        "root": str(cifar_root),
+        "format": "folder",
+    }
+    proc = run_cli(  # the command line still wins
+        "evaluate", f"ckpt={ckpt}", "data.root=/nonexistent", "logger=none",
+        f"hydra.run.dir={tmp_path / 'elsewhere'}", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "data.root=/nonexistent" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
 def test_evaluate_makes_its_own_wandb_run_with_the_checkpoint_hash(
     smoke_run, cifar_root, cache_dir, tmp_path
 ):
