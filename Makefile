@@ -1,6 +1,7 @@
-# Each target creates or reuses .venv and installs the package (editable, with dev tools) first,
-# so on a fresh machine `make train` or `make test` is the only command needed. The versions are
-# constraints.txt's: the exact set tested here (pyproject.toml keeps a library's ranges).
+# Each target creates or reuses .venv and installs the package (editable, with every extra and
+# the dev tools) first, so on a fresh machine `make train` or `make test` is the only command
+# needed. The versions are constraints.txt's: the exact set tested here (pyproject.toml keeps a
+# library's ranges).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,11 +13,11 @@ INSTALLED := $(VENV)/.installed
 help: ## list the targets and what each does
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-install: $(INSTALLED) ## create .venv (or reuse it) and install the package with the dev tools
+install: $(INSTALLED) ## create .venv (or reuse it) and install the package, every extra and the dev tools
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev,search,cluster,tensorboard]'
 	touch $@
 
 # constraints.txt from what .venv has (after a pin was moved there and `make install` ran)

@@ -18,9 +18,32 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cifar_exp.errors import EXPECTED, debugging, exit_code, exit_on_user_error
+from cifar_exp.errors import EXPECTED, debugging, exit_code, exit_on_user_error, require
 
 log = logging.getLogger("cifar_exp")
+
+
+# Command-line choices that need an extra (a Hydra plugin): checked before Hydra composes the
+# config, which would otherwise stop on a config group it cannot find.
+SEARCH = ("search", "hydra_plugins.hydra_optuna_sweeper")
+CLUSTER_SUBMITIT = ("cluster", "hydra_plugins.hydra_submitit_launcher")
+EXTRAS = {
+    "hparams_search=optuna": SEARCH,
+    "hydra/sweeper=optuna": SEARCH,
+    "hydra/launcher=joblib": ("cluster", "hydra_plugins.hydra_joblib_launcher"),
+    "hydra/launcher=submitit_local": CLUSTER_SUBMITIT,
+    "hydra/launcher=submitit_slurm": CLUSTER_SUBMITIT,
+    "hydra/launcher=slurm": CLUSTER_SUBMITIT,
+}
+
+
+def require_extras(args: list[str]) -> None:
+    """A UserError naming the extra to install for a choice on the command line that needs
+    one it lacks."""
+    for arg in args:
+        if arg in EXTRAS:
+            extra, module = EXTRAS[arg]
+            require(module, extra, arg)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 
 from cifar_exp.settings import SCORES, best_is_lowest
 
 if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
     from cifar_exp.track.per_class import ClassView
 
 
@@ -94,7 +95,11 @@ def start_run(
         reinit="finish_previous",  # one run per job, even inside a multirun process
         **resume,
     )
-    writer = SummaryWriter(str(run_dir / TENSORBOARD)) if tensorboard else None
+    writer = None
+    if tensorboard:  # the tensorboard extra: preflight checked that it is installed
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / TENSORBOARD))
     try:
         yield Tracker(run, writer)
     except BaseException as err:
