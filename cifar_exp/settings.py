@@ -259,7 +259,8 @@ class Settings(Section):
         if data.val_size and data.limit_train and data.val_size >= data.limit_train:
             problems.append(
                 f"data.val_size={data.val_size} leaves no training images of "
-                f"data.limit_train={data.limit_train}; hold out fewer"
+                f"data.limit_train={data.limit_train}; hold out fewer, e.g. "
+                f"data.val_size={max(data.limit_train // 10, classes)}"
             )
         return problems
 
@@ -319,7 +320,10 @@ def unknown_key_message(loc: Iterable, section: type[BaseModel], key: str = "") 
 
 
 def config_error(problems: Iterable[str]) -> UserError:
-    """One message for every problem found in the config's values."""
+    """One message for every problem found in the config's values: one line for one."""
+    problems = list(problems)
+    if len(problems) == 1:
+        return UserError(f"invalid config value: {problems[0]}")
     return UserError(
         "invalid config value(s):\n" + "".join(f"  {p}\n" for p in problems)
         + "Fix them on the command line (e.g. trainer.epochs=10) or in the YAML file."

@@ -13,10 +13,11 @@ from cifar_exp import distributed
 from cifar_exp.engine import preflight, resume, signals
 from cifar_exp.engine.build import build
 from cifar_exp.engine.compute import resolve_device, seed_everything
-from cifar_exp.engine.jobs import require_extras, run_job
+from cifar_exp.engine.jobs import first_job, require_extras, run_job
 from cifar_exp.engine.loop import LoopOptions, fit
 from cifar_exp.errors import exit_on_user_error
 from cifar_exp.settings import CONF_PATH
+from cifar_exp.track.config_tree import save_config_tree
 from cifar_exp.track.record import RunRecord
 
 
@@ -37,6 +38,8 @@ def train(cfg: DictConfig) -> float:
     if resume.continues(cfg, run_dir):
         resumed = resume.load(cfg, run_dir, list(job.overrides.task))
         cfg, settings = resumed.config, preflight.check(resumed.config)
+    if ranks.is_main:
+        save_config_tree(cfg, run_dir, show=first_job())
     seed_everything(settings.seed, settings.trainer.deterministic)
     built = build(cfg, settings, ranks, resumed)
     with RunRecord.open(run_dir, cfg, settings, built, resumed, ranks.is_main) as record:

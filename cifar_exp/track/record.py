@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp.engine import checkpoint, profiling, resume, signals
+from cifar_exp.engine import checkpoint, jobs, profiling, resume, signals
 from cifar_exp.settings import SCORES, DataSettings, best_is_lowest, checked
 from cifar_exp.track import plots
 from cifar_exp.track.per_class import ClassView
@@ -164,7 +164,8 @@ class RunRecord:
         )
         done = resumed.epoch if resumed else 0
         history = rewind_metrics(run_dir / METRICS, done, rewrite=writes) if resumed else []
-        log.info("Model:\n%s", built.summary)
+        if jobs.first_job():  # the same table for every job of a sweep: summary.txt keeps it
+            log.info("Model:\n%s", built.summary)
         log.info(
             "%s; %d training and %d test images; run folder %s",
             built.learner.compute, *built.sizes, run_dir,

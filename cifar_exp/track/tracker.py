@@ -75,6 +75,9 @@ def start_run(
     ends, with the exit code of an error or stop signal that ends it (W&B's own context
     manager would print a traceback for it). `tags` join the logger's own.
     """
+    # A new W&B session for every job (a no-op for the first): W&B reads its folders' variables
+    # when a session starts, and warns at every later job of a multirun that they changed.
+    wandb.teardown()
     keep_files_in(run_dir)
     tensorboard = logger_cfg.get("tensorboard", False)
     logger_cfg = OmegaConf.masked_copy(logger_cfg, [k for k in logger_cfg if k != "tensorboard"])
