@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 from pathlib import Path
 
@@ -16,9 +18,11 @@ from cifar_exp.engine.compute import resolve_device, seed_everything
 from cifar_exp.engine.jobs import first_job, require_extras, run_job
 from cifar_exp.engine.loop import LoopOptions, fit
 from cifar_exp.errors import exit_on_user_error
-from cifar_exp.settings import CONF_PATH
+from cifar_exp.settings import CONF_PATH, Settings
 from cifar_exp.track.config_tree import save_config_tree
 from cifar_exp.track.record import RunRecord
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float:
@@ -48,7 +52,25 @@ def train(cfg: DictConfig) -> float:
         with signals.stop_on_signals():
             fit(built.learner, built.loaders, LoopOptions.of(settings), record)
         results = record.finish()
+        if ranks.is_main and (note := smoothing_note(settings, record.history[-1])):
+            log.info("%s", note)
     return results[f"best_{settings.optimized_metric}"]
+
+
+def smoothing_note(settings: Settings, last: dict) -> str | None:
+    """A line for a training loss that stays high at (nearly) 100% training accuracy because
+    label smoothing keeps it there (debug=overfit); None otherwise."""
+    smoothing, classes = settings.trainer.label_smoothing, settings.model.num_classes
+    if not smoothing or last["train_acc"] < 0.99:
+        return None
+    # The loss of a perfect prediction: the entropy of the smoothed target distribution.
+    right, wrong = 1 - smoothing + smoothing / classes, smoothing / classes
+    floor = -right * math.log(right) - (classes - 1) * wrong * math.log(wrong)
+    return (
+        f"Training accuracy {100 * last['train_acc']:.1f}% with training loss "
+        f"{last['train_loss']:.3f}: label smoothing (trainer.label_smoothing={smoothing}) "
+        f"keeps even a perfect prediction's loss at {floor:.3f} or more"
+    )
 
 
 @hydra.main(config_path=CONF_PATH, config_name="train", version_base="1.3")

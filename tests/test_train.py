@@ -154,7 +154,7 @@ def test_evaluate_makes_its_own_wandb_run_with_the_checkpoint_hash(
 def sweep(cifar_root, cache_dir, tmp_path_factory):
     """Two 1-epoch jobs, SGD and AdamW with norms that a group override sets."""
     sweep_dir = tmp_path_factory.mktemp("sweep") / "sweep"
-    run_cli(
+    proc = run_cli(
         "train",
         "-m",
         "optimizer=sgd,adamw",
@@ -163,7 +163,20 @@ def sweep(cifar_root, cache_dir, tmp_path_factory):
         "trainer.epochs=1",
         f"hydra.sweep.dir={sweep_dir}",
     )
+    (sweep_dir.parent / "console.txt").write_text(proc.stdout + proc.stderr)
     return sweep_dir
+
+
+@pytest.mark.slow
+def test_a_sweep_prints_the_network_and_config_once_and_keeps_them_in_every_run(sweep):
+    console = (sweep.parent / "console.txt").read_text()
+    assert console.count("Total params: 180,298") == 1  # torchinfo's table
+    assert console.count("── trainer") == 1  # the config tree
+    assert "wandb: WARNING" not in console  # W&B's variables changed for the second job
+    for run in (p for p in sweep.iterdir() if p.is_dir()):
+        assert "Total params: 180,298" in (run / "summary.txt").read_text()
+        tree = (run / "config_tree.log").read_text()
+        assert "├── optimizer" in tree and "epochs: 1" in tree
 
 
 @pytest.mark.slow
