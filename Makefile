@@ -29,15 +29,15 @@ train: $(INSTALLED) ## train one run (or a sweep with ARGS="-m ..."): python -m 
 	$(PY) -m cifar_exp.train $(ARGS)
 
 # make bench: the quick subset (minutes); make bench ARGS=--full: every variant on every image
-# (an hour on 2 CPU cores); CIFAR_DATA=<folder tree> for the copy
-bench: $(INSTALLED) ## benchmark the speed options against the naive path (README: Speed)
+# (an hour on 2 CPU cores); the data where CIFAR_DATA or conf/local/ say
+bench: $(INSTALLED) ## benchmark the speed options against the naive path (docs/speed.md)
 	$(PY) -m cifar_exp.bench $(ARGS)
 
-# make gpu-check ARGS="--data <CIFAR-10 folder, official folder or .tar.gz>"  (a CUDA GPU; README)
+# make gpu-check ARGS="--data <CIFAR-10 folder, official folder or .tar.gz>"  (a CUDA GPU; docs/scaling.md)
 gpu-check: $(INSTALLED) ## check and measure training on a CUDA GPU (ARGS="--data <CIFAR-10>")
 	$(PY) -m cifar_exp.gpucheck $(ARGS)
 
-# make test ARGS="-k data"  (CIFAR_DATA=<unpacked folder tree> skips unpacking ../shared/data)
+# make test ARGS="-k data"  (the tests read the data where CIFAR_DATA or conf/local/ say)
 test: $(INSTALLED) lint ## the lint, then every test: pytest $(ARGS) (what CI runs)
 	$(PY) -m pytest $(ARGS)
 
