@@ -1,6 +1,7 @@
 """Print constraints.txt: the exact version installed in this environment of every package that
-cifar-exp and all its extras (what `make install` installs) need, directly or through other packages (the installed
-requirements' closure; `pip freeze` would also list whatever else the environment holds)."""
+cifar-exp and all its extras (what `make install` installs) need, directly or through other
+packages (the installed requirements' closure; `pip freeze` would also list whatever else the
+environment holds)."""
 
 from __future__ import annotations
 
