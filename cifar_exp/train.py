@@ -42,10 +42,10 @@ def train(cfg: DictConfig) -> float:
     if resume.continues(cfg, run_dir):
         resumed = resume.load(cfg, run_dir, list(job.overrides.task))
         cfg, settings = resumed.config, preflight.check(resumed.config)
-    if ranks.is_main:
-        save_config_tree(cfg, run_dir, show=first_job())
     seed_everything(settings.seed, settings.trainer.deterministic)
     built = build(cfg, settings, ranks, resumed)
+    if ranks.is_main:  # once the data is found: a refused run leaves only its log behind
+        save_config_tree(cfg, run_dir, show=first_job())
     with RunRecord.open(run_dir, cfg, settings, built, resumed, ranks.is_main) as record:
         if resumed:
             resumed.restore_rng()  # last: building the run drew random numbers
