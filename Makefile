@@ -1,6 +1,7 @@
-# Each target creates or reuses .venv and installs the package (editable, with dev tools) first,
-# so on a fresh machine `make train` or `make test` is the only command needed. The versions are
-# constraints.txt's: the exact set tested here (pyproject.toml keeps a library's ranges).
+# Each target creates or reuses .venv and installs the package (editable, with every extra and
+# the dev tools) first, so on a fresh machine `make train` or `make test` is the only command
+# needed. The versions are constraints.txt's: the exact set tested here (pyproject.toml keeps a
+# library's ranges).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,11 +13,11 @@ INSTALLED := $(VENV)/.installed
 help: ## list the targets and what each does
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-install: $(INSTALLED) ## create .venv (or reuse it) and install the package with the dev tools
+install: $(INSTALLED) ## create .venv (or reuse it) and install the package, every extra and the dev tools
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev,search,cluster,tensorboard]'
 	touch $@
 
 # constraints.txt from what .venv has (after a pin was moved there and `make install` ran)
@@ -28,15 +29,15 @@ train: $(INSTALLED) ## train one run (or a sweep with ARGS="-m ..."): python -m 
 	$(PY) -m cifar_exp.train $(ARGS)
 
 # make bench: the quick subset (minutes); make bench ARGS=--full: every variant on every image
-# (an hour on 2 CPU cores); CIFAR_DATA=<folder tree> for the copy
-bench: $(INSTALLED) ## benchmark the speed options against the naive path (README: Speed)
+# (an hour on 2 CPU cores); the data where CIFAR_DATA or conf/local/ say
+bench: $(INSTALLED) ## benchmark the speed options against the naive path (docs/speed.md)
 	$(PY) -m cifar_exp.bench $(ARGS)
 
-# make gpu-check ARGS="--data <CIFAR-10 folder, official folder or .tar.gz>"  (a CUDA GPU; README)
+# make gpu-check ARGS="--data <CIFAR-10 folder, official folder or .tar.gz>"  (a CUDA GPU; docs/scaling.md)
 gpu-check: $(INSTALLED) ## check and measure training on a CUDA GPU (ARGS="--data <CIFAR-10>")
 	$(PY) -m cifar_exp.gpucheck $(ARGS)
 
-# make test ARGS="-k data"  (CIFAR_DATA=<unpacked folder tree> skips unpacking ../shared/data)
+# make test ARGS="-k data"  (the tests read the data where CIFAR_DATA or conf/local/ say)
 test: $(INSTALLED) lint ## the lint, then every test: pytest $(ARGS) (what CI runs)
 	$(PY) -m pytest $(ARGS)
 

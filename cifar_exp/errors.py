@@ -4,6 +4,7 @@ a traceback. HYDRA_FULL_ERROR=1 (Hydra's own debug switch) shows the traceback i
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -27,6 +28,15 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
     exit_code = DIVERGED
+
+
+def require(module: str, extra: str, what: str) -> None:
+    """A UserError naming the extra to install, when `what` needs `module` and it is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(
+            f"{what} needs the {extra} extra: pip install 'cifar-exp[{extra}]' "
+            "(make install installs every extra)"
+        )
 
 
 # What the config or the input files cause: Hydra and OmegaConf raise their own for them.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import files
 from cifar_exp.engine import checkpoint
@@ -21,6 +21,17 @@ from cifar_exp.track.tracker import start_run
 
 log = logging.getLogger(__name__)
 
+DATA_LOCATION = ("root", "format")  # taken from the checkpoint unless given on the command line
+
+
+def trained_data(data: DictConfig, state: dict, overrides: list[str]) -> DictConfig:
+    """The `data` config with the training run's data location (data.root, data.format), so
+    its test set is found where it trained, unless the command line names another."""
+    told = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    trained = state["config"].get("data", {})
+    kept = {k: trained[k] for k in DATA_LOCATION if k in trained and f"data.{k}" not in told}
+    return OmegaConf.merge(data, kept)
+
 
 def evaluate_checkpoint(cfg: DictConfig) -> tuple[dict, ClassView]:
     """Accuracy of the checkpoint's model on the test split, overall and per class, and the
@@ -29,6 +40,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> tuple[dict, ClassView]:
         raise UserError(problem)
     ckpt_path = Path(cfg.ckpt).expanduser()
     state = checkpoint.load(ckpt_path, option="ckpt")
+    cfg.data = trained_data(cfg.data, state, list(HydraConfig.get().overrides.task))
     data_settings = checked(DataSettings, cfg.data, key="data")
     view = ClassView.of_checkpoint(state, data_settings, cfg.device, cfg.tta)
     summary = view.summary()

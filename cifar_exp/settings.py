@@ -12,6 +12,7 @@ before loading data.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
@@ -37,7 +38,8 @@ CONF_MODULE = "cifar_exp.conf"
 CONF_PATH = f"pkg://{CONF_MODULE}"  # what hydra.main takes
 
 # The vocabularies: each the one list of its names.
-FORMATS = ("official", "folder")  # data.format: the official batches, or an image folder tree
+# data.format: the official batches, or an image folder tree (auto: what data.root holds)
+FORMATS = ("official", "folder")
 LAST_BATCH = ("keep", "fill", "drop")  # data.last_batch: what becomes of a partial last batch
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 # torch.compile's modes: reduce-overhead replays CUDA graphs, max-autotune also times kernels.
@@ -66,6 +68,16 @@ Score = Literal[SCORES]
 
 
 class Section(BaseModel):
+    """A config section whose keys are all declared: any other is refused (a typo such as
+    trainer.epoch, with or without Hydra's +)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FreeSection(Section):
+    """A section whose other keys go to the class it configures (a model's blocks, an
+    optimizer's or scheduler's arguments), which checks them when the builder calls it."""
+
     model_config = ConfigDict(extra="allow")
 
 
@@ -124,7 +136,7 @@ class TrainerSettings(Section):
 
 class DataSettings(Section):
     root: str = "./data"
-    format: Literal[FORMATS]
+    format: Literal[("auto", *FORMATS)] = "auto"
     batch_size: PositiveInt
     last_batch: Literal[("auto", *LAST_BATCH)] = "auto"
     num_workers: NonNegativeInt = 0
@@ -138,17 +150,17 @@ class DataSettings(Section):
     image_size: PositiveInt = 32
 
 
-class SchedulerSettings(Section):
+class SchedulerSettings(FreeSection):
     interval: Literal["epoch", "step"]
     monitor: str | None = None
 
 
-class OptimizerSettings(Section):
+class OptimizerSettings(FreeSection):
     lr: PositiveFloat
     weight_decay: float = Field(default=0.0, ge=0)
 
 
-class ModelSettings(Section):
+class ModelSettings(FreeSection):
     in_channels: PositiveInt = 3
     num_classes: PositiveInt = 10
     dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -183,6 +195,11 @@ class Settings(Section):
     model: ModelSettings
     budget: BudgetSettings = BudgetSettings()
     param_groups: ParamGroups = ParamGroups()
+    # Checked by the classes they configure: the augmentation (preflight) and the W&B run.
+    augment: dict[str, Any] = {}
+    logger: dict[str, Any] = {}
+    output_root: str = "outputs"
+    runtime_keys: list[str] = []
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -242,7 +259,8 @@ class Settings(Section):
         if data.val_size and data.limit_train and data.val_size >= data.limit_train:
             problems.append(
                 f"data.val_size={data.val_size} leaves no training images of "
-                f"data.limit_train={data.limit_train}; hold out fewer"
+                f"data.limit_train={data.limit_train}; hold out fewer, e.g. "
+                f"data.val_size={max(data.limit_train // 10, classes)}"
             )
         return problems
 
@@ -265,6 +283,13 @@ def checked(section: type[S], cfg: DictConfig | dict, key: str = "") -> S:
     try:
         return section.model_validate(values)
     except ValidationError as err:
+        # A key the schema lacks is most likely a typo: say so alone, with the nearest key.
+        unknown = [e["loc"] for e in err.errors() if e["type"] == "extra_forbidden"]
+        if unknown:
+            lines = [
+                unknown_key_message([key, *loc] if key else loc, section, key) for loc in unknown
+            ]
+            raise UserError("\n".join(lines)) from None
         raise config_error(
             f"{'.'.join(map(str, [key, *e['loc']] if key else e['loc']))}={e.get('input')!r}: "
             f"{e['msg']}"
@@ -274,8 +299,31 @@ def checked(section: type[S], cfg: DictConfig | dict, key: str = "") -> S:
         ) from None
 
 
+def schema_keys(section: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key that `section` declares, its nested sections' keys included."""
+    keys = []
+    for name, field in section.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += schema_keys(field.annotation, f"{dotted}.")
+    return keys
+
+
+def unknown_key_message(loc: Iterable, section: type[BaseModel], key: str = "") -> str:
+    """One line for a key the schema does not have, naming the nearest one it has."""
+    dotted = ".".join(map(str, loc))
+    known = schema_keys(section, f"{key}." if key else "")
+    nearest = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+    hint = f"did you mean {nearest[0]}?" if nearest else "it is not in the config"
+    return f"unknown config key {dotted}: {hint} (the command with --cfg job lists every key)"
+
+
 def config_error(problems: Iterable[str]) -> UserError:
-    """One message for every problem found in the config's values."""
+    """One message for every problem found in the config's values: one line for one."""
+    problems = list(problems)
+    if len(problems) == 1:
+        return UserError(f"invalid config value: {problems[0]}")
     return UserError(
         "invalid config value(s):\n" + "".join(f"  {p}\n" for p in problems)
         + "Fix them on the command line (e.g. trainer.epochs=10) or in the YAML file."

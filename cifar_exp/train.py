@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -12,10 +14,13 @@ from cifar_exp import distributed
 from cifar_exp.engine import preflight, resume, signals
 from cifar_exp.engine.build import build
 from cifar_exp.engine.compute import resolve_device, seed_everything
-from cifar_exp.engine.jobs import run_job
+from cifar_exp.engine.jobs import require_extras, run_job
 from cifar_exp.engine.loop import LoopOptions, fit
+from cifar_exp.errors import exit_on_user_error
 from cifar_exp.settings import CONF_PATH
 from cifar_exp.track.record import RunRecord
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float:
@@ -54,9 +59,16 @@ def main(cfg: DictConfig) -> float:
         distributed.teardown()
 
 
+def cli() -> None:
+    """The command (cifar-train): the extras the command line needs, then Hydra's `main`."""
+    with exit_on_user_error():
+        require_extras(sys.argv[1:])
+    main()
+
+
 if __name__ == "__main__":
     # Call `main` from the module by its import name, not as __main__: launchers that run the
     # jobs in other processes (joblib, submitit) pickle the task by reference to its module.
-    from cifar_exp.train import main as importable_main
+    from cifar_exp.train import cli as importable_cli
 
-    importable_main()
+    importable_cli()

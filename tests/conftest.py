@@ -1,6 +1,6 @@
-"""Shared fixtures. Tests on real images use the CIFAR-10 copy in ../shared/data (unpacked once
-into a temporary folder) or the folder tree named by CIFAR_DATA. In CI a missing copy is a
-failure; elsewhere those tests are skipped with the reason."""
+"""Shared fixtures. Tests on real images use this machine's data location (CIFAR_DATA or
+conf/local/) or the CIFAR-10 copy in ../shared/data, unpacked once into the user's cache. In CI
+a missing copy is a failure; elsewhere those tests are skipped with the reason."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from PIL import Image
 
+from cifar_exp.data import datasets
 from cifar_exp.data.augment import BatchAugment
 from cifar_exp.data.datasets import ImageSet
 from cifar_exp.data.loaders import Batching
@@ -47,23 +47,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
-    """A folder-format CIFAR-10 tree: root/{train,test}/<class>/*.jpg."""
-    if os.environ.get("CIFAR_DATA"):
-        return Path(os.environ["CIFAR_DATA"])
-    if not ARCHIVE.is_file():
-        reason = f"CIFAR-10 copy not found at {ARCHIVE} and CIFAR_DATA is not set"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    # Unpacked once into the user's cache (never beside the read-only archive) and reused.
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar_exp"
-    root = cache / f"cifar10-jpeg-{ARCHIVE.stat().st_size}"
-    if not root.is_dir():
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(dir=cache, prefix="unpacking-"))
-        subprocess.run(["tar", "xzf", str(ARCHIVE), "-C", str(partial)], check=True)
-        partial.rename(root)  # all or nothing: an interrupted unpack is never used
-    return root
+    """A folder-format CIFAR-10 tree, root/{train,test}/<class>/*.jpg: this machine's data
+    location (CIFAR_DATA or conf/local/, as for training) if it holds one, else the copy in
+    ../shared/data; an archive is unpacked once into the user's cache and reused."""
+    for source in (compose_train().data.root, ARCHIVE):
+        if Path(source).expanduser().exists():
+            root, fmt = datasets.locate(str(source), "auto")
+            if fmt == "folder":
+                return root
+    reason = f"no CIFAR-10 folder tree: set CIFAR_DATA (or conf/local/), or provide {ARCHIVE}"
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

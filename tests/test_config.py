@@ -32,7 +32,7 @@ def test_defaults_are_the_seed_recipe():
     assert schedule.scheduler.step_size == 23 and schedule.interval == "epoch"
     assert settings.trainer.epochs == 50
     assert resolve_device(settings.trainer.device) == torch.device("cpu")
-    assert settings.data.format == "official" and settings.data.limit_train is None
+    assert settings.data.format == "auto" and settings.data.limit_train is None
     assert settings.trainer.monitor == settings.optimized_metric == "test_acc"
 
 

@@ -1,21 +1,28 @@
-"""Loading both data formats, the fixed class-balanced subsets, the decode cache, the loaders."""
+"""Finding and loading both data formats (folders and archives), the fixed class-balanced
+subsets, the decode cache, the loaders, and the per-machine data location."""
 
 from __future__ import annotations
 
 import pickle
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
-from conftest import MEAN, STD, write_tree
+from conftest import CONF, MEAN, STD, write_tree
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from cifar_exp.data import datasets
 from cifar_exp.data.augment import Pipeline
-from cifar_exp.data.datasets import DataNotFoundError, balanced_subset
+from cifar_exp.data.datasets import DataNotFoundError, balanced_subset, locate
 from cifar_exp.data.loaders import Batching
+from cifar_exp.errors import UserError
 from cifar_exp.settings import FORMATS
 
 CIFAR10_CLASSES = (
@@ -150,3 +157,83 @@ def test_augmentation_is_seeded_and_differs_between_workers(cifar_root, cache_di
     assert flags != flip_flags(subset, seed=1)
     assert flags[:16] != flags[16:]  # the two workers draw different streams
     assert 8 <= sum(flags) <= 24  # about half flipped
+
+
+def archive(tree: Path, path: Path, wrap: str = "") -> Path:
+    """`tree`'s train/ and test/ in a .tar.gz or .zip at `path`, under the folder `wrap`."""
+    files = [f for f in sorted(tree.rglob("*")) if f.is_file()]
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path, "w") as zipped:
+            for f in files:
+                zipped.write(f, Path(wrap, f.relative_to(tree)))
+    else:
+        with tarfile.open(path, "w:gz") as tarred:
+            for f in files:
+                tarred.add(f, str(Path(wrap, f.relative_to(tree))))
+    return path
+
+
+@pytest.mark.parametrize(("name", "wrap"), [("copy.tar.gz", ""), ("copy.zip", "cifar10")])
+def test_an_archive_is_unpacked_once_into_the_cache_and_recognised(tmp_path, name, wrap):
+    tree = write_tree(tmp_path / "tree", CATS_AND_DOGS)
+    packed = archive(tree, tmp_path / name, wrap)
+    root, fmt = locate(str(packed), "auto", str(tmp_path / "cache"))
+    (unpacked,) = (tmp_path / "cache").iterdir()  # nothing half-unpacked beside it
+    assert fmt == "folder" and root == unpacked / wrap
+    marker = root / "train" / "cat" / "0000.png"
+    marker.write_bytes(b"changed")  # reused, not unpacked again
+    assert locate(str(packed), "folder", str(tmp_path / "cache")) == (root, "folder")
+    assert marker.read_bytes() == b"changed"
+    loaded = datasets.load_split(str(packed), "auto", "test", None, str(tmp_path / "cache"))
+    assert loaded.classes == ("cat", "dog") and len(loaded.labels) == 6
+
+
+def test_auto_recognises_each_layout_and_a_wrong_choice_names_the_right_one(tmp_path):
+    tree = write_tree(tmp_path / "tree", CATS_AND_DOGS)
+    write_official_batches(tmp_path / "official")
+    assert locate(str(tree), "auto") == (tree, "folder")
+    assert locate(str(tmp_path / "official"), "auto") == (tmp_path / "official", "official")
+    batches = tmp_path / "official" / "cifar-10-batches-py"
+    assert locate(str(batches), "auto") == (tmp_path / "official", "official")
+    assert locate(str(tmp_path / "empty"), "auto") == (tmp_path / "empty", "official")  # download
+    with pytest.raises(UserError) as err:
+        locate(str(tree), "official")
+    assert str(err.value) == (
+        f"data.root={tree} holds an image tree, not the official files (cifar-10-batches-py/): "
+        "use data.format=folder or data.format=auto"
+    )
+    with pytest.raises(UserError, match="not an image tree: use data.format=official or"):
+        locate(str(tmp_path / "official"), "folder")
+
+
+def test_a_broken_archive_or_a_stray_file_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "broken.tar.gz").write_bytes(b"not a tar file")
+    with pytest.raises(UserError, match="broken.tar.gz cannot be unpacked .*good copy"):
+        locate(str(tmp_path / "broken.tar.gz"), "auto", str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").iterdir())
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataNotFoundError, match="not a .tar.gz, .tgz or .zip"):
+        locate(str(tmp_path / "notes.txt"), "auto")
+
+
+def test_the_data_location_is_set_once_per_machine(tmp_path, monkeypatch):
+    """CIFAR_DATA, or data.root in conf/local/default.yaml, for train and evaluate alike; the
+    command line wins."""
+    conf = shutil.copytree(CONF, tmp_path / "conf")
+    shutil.rmtree(conf / "local")  # not this machine's own settings
+
+    def roots(*overrides: str) -> set[str]:
+        with initialize_config_dir(str(conf), version_base="1.3"):
+            return {
+                compose(name, overrides=list(overrides), return_hydra_config=False).data.root
+                for name in ("train", "evaluate")
+            }
+
+    monkeypatch.delenv("CIFAR_DATA", raising=False)
+    assert roots() == {"./data"}
+    monkeypatch.setenv("CIFAR_DATA", "/env/cifar")
+    assert roots() == {"/env/cifar"}
+    (conf / "local").mkdir()
+    (conf / "local" / "default.yaml").write_text("# @package _global_\ndata:\n  root: /mine\n")
+    assert roots() == {"/mine"}
+    assert roots("data.root=/typed") == {"/typed"}

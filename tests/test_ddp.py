@@ -116,8 +116,8 @@ def test_only_rank_zero_writes(runs):
     assert len(read_metrics(ddp)) == 1  # one line per epoch, not one per rank
     assert len(list(ddp.glob("wandb/offline-run-*"))) == 1
     assert sorted(p.name for p in ddp.iterdir()) == [
-        ".hydra", ".lock", "checkpoints", "confusion.png", "graphs.png", "metrics.jsonl",
-        "per_class.json", "results.json", "summary.txt", "train.log", "wandb",
+        ".hydra", ".lock", "checkpoints", "config_tree.log", "confusion.png", "graphs.png",
+        "metrics.jsonl", "per_class.json", "results.json", "summary.txt", "train.log", "wandb",
     ]  # fmt: skip
 
 

@@ -55,6 +55,8 @@ def assert_refused(proc, expected: str, run_dir: Path | None = None, code: int |
         (["augment.cutout_p=0.5", "augment.cutout_size=40"],
          "augment.cutout_size=40 is larger than the 32-pixel images"),
         (["augment.flip_p=2"], "augment.flip_p=2 is a probability: choose it in [0, 1]"),
+        # Hydra's own hint for trainer.epoch=3 is the + below: refused as well, not ignored.
+        (["+trainer.epoch=3"], "unknown config key trainer.epoch: did you mean trainer.epochs?"),
     ],
 )  # fmt: skip
 @pytest.mark.slow
@@ -82,7 +84,7 @@ GATE = [
     (["data.limit_train=5"], "data.limit_train=5 is fewer images than the 10 classes"),
     (["data.val_size=500", "data.limit_train=400"],
      "data.val_size=500 leaves no training images of data.limit_train=400"),
-    (["data.format=hdf5"], "data.format='hdf5': Input should be 'official' or 'folder'"),
+    (["data.format=hdf5"], "data.format='hdf5': Input should be 'auto', 'official' or 'folder'"),
     (["seed=-1"], "seed=-1: Input should be greater than or equal to 0"),
     (["trainer.device=gpu"], "trainer.device='gpu': Value error, not a device"),
     (["trainer.device=cuda:99"], "trainer.device=cuda:99, but PyTorch sees"),
@@ -90,6 +92,42 @@ GATE = [
      "trainer.early_stopping.patience=0: Input should be greater than 0"),
     (["trainer.profile_steps=-5"], "trainer.profile_steps=-5: Input should be greater than 0"),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+trainer.epoch=3", "unknown config key trainer.epoch: did you mean trainer.epochs?"),
+        ("+epochs=3", "unknown config key epochs: did you mean trainer.epochs?"),
+        (
+            "+data.limt_train=3",
+            "unknown config key data.limt_train: did you mean data.limit_train?",
+        ),
+        (
+            "+trainer.ema.decy=0.9",
+            "unknown config key trainer.ema.decy: did you mean trainer.ema.decay?",
+        ),
+        ("+colour=red", "unknown config key colour: it is not in the config"),
+    ],
+)
+def test_an_unknown_key_is_refused_with_the_nearest_known_one(override, expected):
+    with pytest.raises(UserError) as err:
+        preflight.check(compose_train(override))
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "+model.blocks.1.dropout=0.1",  # the free-form sections: their classes check them
+        "+model.transition.dilated_nostride.dilation=5",
+        "+optimizer.maximize=false",
+        "+scheduler.lr_scheduler.last_epoch=-1",
+        "augment.rotate=10",
+    ],
+)
+def test_the_free_form_sections_take_new_keys(override):
+    assert preflight.check(compose_train(override))
 
 
 @pytest.mark.parametrize(("overrides", "expected"), GATE)

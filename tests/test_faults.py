@@ -1,8 +1,8 @@
 """Fault injection: a run that dies at any write of its folder, or whose disk fills there,
 resumes to the same files and weights as a run left alone (tests/fault_runner.py does the
-killing). The points are every write a 2-epoch run makes: its first checkpoint, summary and
-results at the start; each epoch's metrics line, last.pt, best.pt and results.json; and at
-the end graphs.png, per_class.json, confusion.png, summary.txt and results.json."""
+killing). The points are every write a 2-epoch run makes: its first checkpoint, summary, config
+tree and results at the start; each epoch's metrics line, last.pt, best.pt and results.json;
+and at the end graphs.png, per_class.json, confusion.png, summary.txt and results.json."""
 
 from __future__ import annotations
 
@@ -96,9 +96,9 @@ def test_the_trace_covers_every_write_of_a_run(faults):
     _, outcomes = faults
     writes = [path for _, path in outcomes["trace"]]
     epoch = ["metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt", "results.json"]
-    assert writes[:3] == ["checkpoints/last.pt", "summary.txt", "results.json"]
-    assert writes[3:11] == epoch * 2  # epoch 2 is the better one here: best.pt is written
-    assert writes[11:] == [
+    assert writes[:4] == ["checkpoints/last.pt", "summary.txt", "config_tree.log", "results.json"]
+    assert writes[4:12] == epoch * 2  # epoch 2 is the better one here: best.pt is written
+    assert writes[12:] == [
         "graphs.png", "per_class.json", "confusion.png", "summary.txt", "results.json"
     ]  # fmt: skip
 

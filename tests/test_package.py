@@ -1,8 +1,11 @@
 """`pip install .` gives a working package: the wheel carries the configs and the console
-scripts, installs with constraints.txt's versions, and trains from any folder."""
+scripts, installs with constraints.txt's versions, and trains from any folder; what not every
+user needs (search, cluster, tensorboard) comes only with its extra, and a command that needs a
+missing extra names it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -10,10 +13,16 @@ import subprocess
 import sys
 import sysconfig
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, data_overrides
+from conftest import REPO, compose_train, data_overrides
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from cifar_exp.engine import jobs, preflight
+from cifar_exp.errors import UserError
 
 # Each other console script's --help, and an option of that entry point it shows.
 HELP = {
@@ -69,11 +78,35 @@ def fresh_env(tmp_path: Path) -> Path:
     return env_dir / "bin"
 
 
+def requirements(wheel: Path, *extras: str) -> set[str]:
+    """The names of the distributions the wheel requires with these extras."""
+    with zipfile.ZipFile(wheel) as zipped:
+        (metadata,) = [n for n in zipped.namelist() if n.endswith(".dist-info/METADATA")]
+        lines = zipped.read(metadata).decode().splitlines()
+    wanted = [
+        Requirement(line.split(": ", 1)[1]) for line in lines if line.startswith("Requires-Dist:")
+    ]
+    environments = [{"extra": extra} for extra in ("", *extras)]
+    return {
+        canonicalize_name(req.name)
+        for req in wanted
+        if req.marker is None or any(req.marker.evaluate(env) for env in environments)
+    }
+
+
+HEAVY = {"hydra-optuna-sweeper", "sqlalchemy", "hydra-submitit-launcher", "tensorboard"}
+
+
 @pytest.mark.slow
 def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
     cifar_root, cache_dir, tmp_path
 ):
     wheel = build_wheel(tmp_path)
+    # `pip install cifar-exp` alone brings no search, cluster or TensorBoard packages
+    assert not HEAVY & requirements(wheel)
+    assert {"hydra-optuna-sweeper", "sqlalchemy"} <= requirements(wheel, "search")
+    assert {"hydra-joblib-launcher", "hydra-submitit-launcher"} <= requirements(wheel, "cluster")
+    assert "tensorboard" in requirements(wheel, "tensorboard")
     bin_dir = fresh_env(tmp_path)
     # Its dependencies are resolved against the constraints with no index: anything missing
     # or outside a pin fails here instead of being downloaded.
@@ -108,3 +141,38 @@ def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
     )  # fmt: skip
     (results,) = (elsewhere / "outputs").glob("*/*/results.json")
     assert json.loads(results.read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("arg", "module", "extra"),
+    [
+        ("hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "search"),
+        ("hydra/launcher=joblib", "hydra_plugins.hydra_joblib_launcher", "cluster"),
+        ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "cluster"),
+    ],
+)
+def test_a_missing_extra_is_named_before_hydra_starts(monkeypatch, arg, module, extra):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a)
+    )
+    jobs.require_extras(["trainer.epochs=3"])  # nothing to ask for
+    with pytest.raises(UserError) as err:
+        jobs.require_extras(["-m", arg])
+    assert str(err.value) == (
+        f"{arg} needs the {extra} extra: pip install 'cifar-exp[{extra}]' "
+        "(make install installs every extra)"
+    )
+
+
+def test_tensorboard_missing_is_named_before_any_work(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real(name, *a),
+    )
+    with pytest.raises(
+        UserError, match=r"needs the tensorboard extra: pip install 'cifar-exp\[tensorboard\]'"
+    ):
+        preflight.check(compose_train("logger=tensorboard"))

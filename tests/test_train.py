@@ -111,6 +111,21 @@ def test_evaluate_cli_scores_the_best_checkpoint(smoke_run, cifar_root, cache_di
 
 
 @pytest.mark.slow
+def test_evaluate_finds_the_data_where_the_run_trained(smoke_run, cifar_root, tmp_path):
+    ckpt = smoke_run / "checkpoints" / "best.pt"
+    run_cli("evaluate", f"ckpt={ckpt}", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert json.loads((tmp_path / "eval.json").read_text())["data"] == {
+        "root": str(cifar_root),
+        "format": "folder",
+    }
+    proc = run_cli(  # the command line still wins
+        "evaluate", f"ckpt={ckpt}", "data.root=/nonexistent", "logger=none",
+        f"hydra.run.dir={tmp_path / 'elsewhere'}", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "data.root=/nonexistent" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
 def test_evaluate_makes_its_own_wandb_run_with_the_checkpoint_hash(
     smoke_run, cifar_root, cache_dir, tmp_path
 ):
@@ -139,7 +154,7 @@ def test_evaluate_makes_its_own_wandb_run_with_the_checkpoint_hash(
 def sweep(cifar_root, cache_dir, tmp_path_factory):
     """Two 1-epoch jobs, SGD and AdamW with norms that a group override sets."""
     sweep_dir = tmp_path_factory.mktemp("sweep") / "sweep"
-    run_cli(
+    proc = run_cli(
         "train",
         "-m",
         "optimizer=sgd,adamw",
@@ -148,7 +163,20 @@ def sweep(cifar_root, cache_dir, tmp_path_factory):
         "trainer.epochs=1",
         f"hydra.sweep.dir={sweep_dir}",
     )
+    (sweep_dir.parent / "console.txt").write_text(proc.stdout + proc.stderr)
     return sweep_dir
+
+
+@pytest.mark.slow
+def test_a_sweep_prints_the_network_and_config_once_and_keeps_them_in_every_run(sweep):
+    console = (sweep.parent / "console.txt").read_text()
+    assert console.count("Total params: 180,298") == 1  # torchinfo's table
+    assert console.count("── trainer") == 1  # the config tree
+    assert "wandb: WARNING" not in console  # W&B's variables changed for the second job
+    for run in (p for p in sweep.iterdir() if p.is_dir()):
+        assert "Total params: 180,298" in (run / "summary.txt").read_text()
+        tree = (run / "config_tree.log").read_text()
+        assert "├── optimizer" in tree and "epochs: 1" in tree
 
 
 @pytest.mark.slow

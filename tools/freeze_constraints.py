@@ -1,6 +1,7 @@
 """Print constraints.txt: the exact version installed in this environment of every package that
-cifar-exp and its `dev` extra need, directly or through other packages (the installed
-requirements' closure; `pip freeze` would also list whatever else the environment holds)."""
+cifar-exp and all its extras (what `make install` installs) need, directly or through other
+packages (the installed requirements' closure; `pip freeze` would also list whatever else the
+environment holds)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def closure(root: str, extras: set[str]) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    pins = closure("cifar-exp", {"dev"})
+    pins = closure("cifar-exp", set(distribution("cifar-exp").metadata.get_all("Provides-Extra")))
     del pins["cifar-exp"]
     print(HEADER, end="")
     for name, version in sorted(pins.items()):

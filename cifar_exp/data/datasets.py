@@ -1,5 +1,8 @@
 """CIFAR-10 as decoded uint8 arrays in memory, from the official files or an image folder tree.
 
+`locate` finds what `data.root` holds: the official files' folder, an image folder tree, or a
+.tar.gz/.tgz/.zip of either (unpacked once into the cache folder and reused); `data.format=auto`
+takes what it finds, and an explicit format that does not match is refused with the fix.
 Both formats end as the same `ImageSet`: images (N, 32, 32, 3) uint8 and labels (N,) int64.
 Folder trees are decoded once and cached as .npy files, so re-runs do not decode again; within
 one process (a Hydra multirun) the arrays are kept in memory.
@@ -13,6 +16,10 @@ import io
 import logging
 import os
 import pickle
+import shutil
+import tarfile
+import tempfile
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,13 +50,93 @@ class ImageSet:
 def missing_data_message(root: Path, fmt: str, detail: str) -> str:
     return (
         f"No data set at data.root={root} (data.format={fmt}): {detail}\n"
-        "Provide CIFAR-10 in one of two ways:\n"
-        f"  - data.format=official data.root={root}: downloads the official python batches\n"
-        "    into data.root (needs internet; about 170 MB, checked by md5), or put an existing\n"
-        "    cifar-10-batches-py/ folder there;\n"
-        "  - data.format=folder data.root=<dir>: an image tree\n"
-        "    <dir>/{train,test}/<class>/*.png|*.jpg with one folder per class."
+        "Provide CIFAR-10 in one of these ways (data.format=auto recognises each):\n"
+        f"  - data.root={root}: the official python batches are downloaded there\n"
+        "    (needs internet; about 170 MB, checked by md5), or put an existing\n"
+        "    cifar-10-batches-py/ folder there (data.format=official);\n"
+        "  - data.root=<dir>: an image tree <dir>/{train,test}/<class>/*.png|*.jpg with one\n"
+        "    folder per class (data.format=folder);\n"
+        "  - data.root=<file>.tar.gz|.tgz|.zip: an archive of either, unpacked once into\n"
+        "    the cache folder and reused.\n"
+        "Set it once per machine: CIFAR_DATA=<path>, or data.root in conf/local/default.yaml."
     )
+
+
+ARCHIVES = (".tar.gz", ".tgz", ".zip")
+# Where archives are unpacked when data.cache_dir is null (the default cache_dir too).
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar_exp"
+KINDS = {"official": f"the official files ({CIFAR10.base_folder}/)", "folder": "an image tree"}
+
+
+def unpacked(archive: Path, cache_dir: Path) -> Path:
+    """The archive's contents, unpacked once into cache_dir/<name>-<size bytes> and reused."""
+    stem = next(archive.name[: -len(s)] for s in ARCHIVES if archive.name.endswith(s))
+    target = cache_dir / f"{stem}-{archive.stat().st_size}"
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=cache_dir, prefix="unpacking-"))
+    log.info("Unpacking %s into %s (once)", archive, target)
+    try:
+        if archive.name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(partial)  # zipfile keeps every member inside `partial`
+        else:
+            with tarfile.open(archive) as tarred:
+                tarred.extractall(partial, filter="data")  # no links or paths out of it
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(
+            f"data.root={archive} cannot be unpacked ({' '.join(str(err).split())}); replace "
+            "it with a good copy"
+        ) from None
+    try:
+        os.rename(partial, target)  # all or nothing: an interrupted unpack is never used
+    except OSError:  # another process (a sweep job) unpacked it first: use theirs
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def detect(folder: Path) -> tuple[Path, str] | None:
+    """Where in `folder` CIFAR-10 is and in which format: the folder itself, or the single
+    folder it wraps (as archives often do); None if neither holds a recognised layout."""
+    if not folder.is_dir():
+        return None
+    if (folder / "train").is_dir():
+        return folder, "folder"
+    if (folder / CIFAR10.base_folder).is_dir():
+        return folder, "official"
+    if folder.name == CIFAR10.base_folder:
+        return folder.parent, "official"
+    children = [c for c in folder.iterdir() if c.is_dir()]
+    return detect(children[0]) if len(children) == 1 else None
+
+
+def locate(root: str, fmt: str, cache_dir: str | None = None) -> tuple[Path, str]:
+    """The folder to read and its format, for `data.root` and `data.format` (auto: what
+    the folder holds; the official download where it holds nothing recognised)."""
+    path = Path(root).expanduser().resolve()
+    if path.is_file():
+        if not path.name.endswith(ARCHIVES):
+            raise DataNotFoundError(
+                missing_data_message(path, fmt, "a file that is not a .tar.gz, .tgz or .zip")
+            )
+        folder = unpacked(path, Path(cache_dir).expanduser() if cache_dir else CACHE)
+        found = detect(folder)
+        if found is None:
+            raise DataNotFoundError(
+                missing_data_message(path, fmt, f"its contents ({folder}) hold neither layout")
+            )
+    else:
+        found = detect(path)
+    if found is None:
+        return path, "official" if fmt == "auto" else fmt
+    if fmt not in ("auto", found[1]):
+        raise UserError(
+            f"data.root={root} holds {KINDS[found[1]]}, not {KINDS[fmt]}: use "
+            f"data.format={found[1]} or data.format=auto"
+        )
+    return found
 
 
 def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
@@ -215,7 +302,7 @@ def load_split(
     root: str, fmt: str, split: str, limit: int | None = None, cache_dir: str | None = None
 ) -> ImageSet:
     """One split of the data set, decoded; kept in memory for later calls with the same args."""
-    root_path = Path(root).expanduser().resolve()
+    root_path, fmt = locate(root, fmt, cache_dir)
     if fmt == "official":
         return load_official(root_path, split, limit)
     return load_folder(root_path, split, limit, Path(cache_dir).expanduser() if cache_dir else None)

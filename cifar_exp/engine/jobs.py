@@ -16,11 +16,42 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp.errors import EXPECTED, debugging, exit_code, exit_on_user_error
+from cifar_exp.errors import EXPECTED, debugging, exit_code, exit_on_user_error, require
+from cifar_exp.settings import Settings, checked
 
 log = logging.getLogger("cifar_exp")
+
+
+# Command-line choices that need an extra (a Hydra plugin): checked before Hydra composes the
+# config, which would otherwise stop on a config group it cannot find.
+SEARCH = ("search", "hydra_plugins.hydra_optuna_sweeper")
+CLUSTER_SUBMITIT = ("cluster", "hydra_plugins.hydra_submitit_launcher")
+EXTRAS = {
+    "hparams_search=optuna": SEARCH,
+    "hydra/sweeper=optuna": SEARCH,
+    "hydra/launcher=joblib": ("cluster", "hydra_plugins.hydra_joblib_launcher"),
+    "hydra/launcher=submitit_local": CLUSTER_SUBMITIT,
+    "hydra/launcher=submitit_slurm": CLUSTER_SUBMITIT,
+    "hydra/launcher=slurm": CLUSTER_SUBMITIT,
+}
+
+
+def require_extras(args: list[str]) -> None:
+    """A UserError naming the extra to install for a choice on the command line that needs
+    one it lacks."""
+    for arg in args:
+        if arg in EXTRAS:
+            extra, module = EXTRAS[arg]
+            require(module, extra, arg)
+
+
+def first_job() -> bool:
+    """Whether this Hydra job is a single run or the first job of its sweep: what every job
+    would print alike (the network, the config) is printed by that one alone."""
+    job = HydraConfig.get()
+    return job.mode != RunMode.MULTIRUN or job.job.num == 0
 
 
 @dataclass(frozen=True)
@@ -45,6 +76,14 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         return JobFailed(str(err), exit_code(err))
 
 
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper._impl"
+
+
+def hide_failed_returns(record: logging.LogRecord) -> bool:
+    """False for the Optuna sweeper's "Return value must be float-castable" about a JobFailed."""
+    return f"'{JobFailed.__name__}(" not in record.getMessage()
+
+
 class SweepReport(Callback):
     """At the end of a multirun, list the jobs that failed and why; exit non-zero if any did.
 
@@ -59,6 +98,13 @@ class SweepReport(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # One folder per session: a continued optuna study reuses its sweep folder.
         self.notes = Path(config.hydra.sweep.dir) / f".failed-jobs-{uuid.uuid4().hex[:8]}"
+        # The job has logged why it failed and the list at the end names it: the sweeper's own
+        # warning about the value it returned would only wrap it.
+        logging.getLogger(OPTUNA_SWEEPER).addFilter(hide_failed_returns)
+        # A value every job would refuse (a search's data.val_size beyond data.limit_train, an
+        # unknown key) stops the sweep before its first job, in one message.
+        with exit_on_user_error():
+            checked(Settings, OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.notes is None:  # a single run: its error is its own exit
@@ -72,8 +118,10 @@ class SweepReport(Callback):
             return
         job = job_return.hydra_cfg.hydra.job
         self.notes.mkdir(parents=True, exist_ok=True)
+        # One line a job: the job's own log (train.log) keeps the whole message.
+        why = message.partition("\n")[0]
         (self.notes / f"{job.num}.txt").write_text(
-            f"job {job.num} ({job.override_dirname or 'no overrides'}): {message}"
+            f"job {job.num} ({job.override_dirname or 'no overrides'}): {why}"
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -20,13 +20,15 @@ from omegaconf import DictConfig
 
 from cifar_exp.engine.compute import device_problem, resolve_device
 from cifar_exp.engine.learner import Schedule
-from cifar_exp.errors import UserError
+from cifar_exp.errors import UserError, require
 from cifar_exp.settings import Settings, checked, config_error
 
 
 def check(cfg: DictConfig) -> Settings:
     """The training config's values, checked and typed; a UserError naming what is at fault."""
     settings = checked(Settings, cfg)
+    if settings.logger.get("tensorboard"):
+        require("tensorboard", "tensorboard", "logger.tensorboard=true (or logger=tensorboard)")
     if problems := machine_problems(settings):
         raise config_error(problems)
     check_schedule(

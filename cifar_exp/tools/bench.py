@@ -181,13 +181,12 @@ def table(report: dict) -> str:
 
 def selection(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The variants to run (naive and defaults first) and the overrides for all of them: the
-    quick benchmark's image limit unless --full, the CIFAR_DATA folder, the command line's."""
+    quick benchmark's image limit unless --full, then the command line's (the data's location
+    is the config's, as for training: CIFAR_DATA or conf/local/)."""
     names = ["naive", "defaults"]
     wanted = args.variants.split(",") if args.variants else list(VARIANTS) if args.full else QUICK
     names += [n for n in wanted if n not in names]
     overrides = [] if args.full else [f"data.limit_train={QUICK_IMAGES}"]
-    if os.environ.get("CIFAR_DATA"):
-        overrides += [f"data.root={os.environ['CIFAR_DATA']}", "data.format=folder"]
     return names, [*overrides, *args.overrides]
 
 

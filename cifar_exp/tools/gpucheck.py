@@ -32,7 +32,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 import warnings
 from collections.abc import Callable
@@ -45,6 +44,7 @@ import torch
 from hydra import compose, initialize_config_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cifar_exp.data import datasets
 from cifar_exp.engine import preflight
 from cifar_exp.engine.build import build
 from cifar_exp.engine.compute import seed_everything, unusable_gpu
@@ -387,15 +387,10 @@ def table(report: dict[str, dict]) -> str:
 
 
 def data_overrides(path: Path, work: Path) -> list[str]:
-    """data.root and data.format for a folder tree, the official files' folder, or the
-    .tar.gz of a folder tree (unpacked into `work`)."""
-    if path.name.endswith((".tar.gz", ".tgz")):
-        unpacked = work / "data"
-        with tarfile.open(path) as archive:
-            archive.extractall(unpacked, filter="data")
-        path = unpacked
-    fmt = "folder" if (path / "train").is_dir() else "official"
-    return [f"data.root={path.resolve()}", f"data.format={fmt}"]
+    """data.root and data.format for a folder tree, the official files' folder, or an archive
+    of either (unpacked into `work`), found before any step is timed."""
+    root, fmt = datasets.locate(str(path), "auto", str(work))
+    return [f"data.root={root}", f"data.format={fmt}"]
 
 
 def main(argv: list[str] | None = None) -> None:

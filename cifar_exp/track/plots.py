@@ -37,6 +37,7 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: 1, 2, not 1.2, 1.4
     fig.tight_layout()
     return save(fig, path)
 
@@ -56,8 +57,9 @@ def plot_comparison(groups: dict[str, Sequence[Sequence[dict]]], path: Path) -> 
             if len(histories) > 1:
                 std = values.std(axis=0, ddof=1)
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax_acc.set(title="Test accuracy (mean, band: ±1 std over seeds)", xlabel="epoch",
-               ylabel="accuracy (%)")  # fmt: skip
+    banded = any(len(histories) > 1 for histories in groups.values())
+    title = "Test accuracy (mean, band: ±1 std over seeds)" if banded else "Test accuracy"
+    ax_acc.set(title=title, xlabel="epoch", ylabel="accuracy (%)")
     ax_loss.set(title="Test loss", xlabel="epoch", ylabel="cross-entropy")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)

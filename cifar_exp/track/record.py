@@ -7,6 +7,7 @@
                        scores, the epoch of the best and the metric that chose it, parameters,
                        receptive field, epochs, mean epoch time (at the start and every epoch)
     summary.txt        the network's torchinfo table, then the results
+    config_tree.log    the config as a tree (also printed by a single run or a sweep's first job)
     graphs.png         loss and accuracy per epoch
     per_class.json     the best checkpoint's accuracy per class and confusion matrix (at the end)
     confusion.png      that confusion matrix
@@ -32,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,11 +41,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
 from cifar_exp import files
-from cifar_exp.engine import checkpoint, profiling, resume, signals
+from cifar_exp.engine import checkpoint, jobs, profiling, resume, signals
 from cifar_exp.settings import SCORES, DataSettings, best_is_lowest, checked
 from cifar_exp.track import plots
+from cifar_exp.track.config_tree import CONFIG_TREE, as_text, config_tree
 from cifar_exp.track.per_class import ClassView
 from cifar_exp.track.tracker import Tracker, choice_tags, start_run
 
@@ -137,6 +141,9 @@ class RunFacts:
     tags: tuple[str, ...] = ()  # the W&B run's tags (kept in checkpoints for a resumed run)
     patience: int | None = None  # epochs after the best one before the run stops; None: never
     network: str = ""  # the network's torchinfo table, summary.txt's first part
+    config_tree: str = ""  # the config as config_tree.log holds it
+    label_smoothing: float = 0.0  # of the training loss: its floor at 100% training accuracy
+    num_classes: int = 10
 
 
 class RunRecord:
@@ -191,8 +198,13 @@ class RunRecord:
             tags=(*dict.fromkeys([*tags, f"config:{config_id}"]),),
             patience=settings.trainer.early_stopping.patience,
             network=built.summary,
+            config_tree=as_text(tree := config_tree(cfg)),
+            label_smoothing=settings.trainer.label_smoothing,
+            num_classes=settings.model.num_classes,
         )
-        log.info("Model:\n%s", built.summary)
+        if jobs.first_job():  # the same for every job of a sweep: the run folder keeps them
+            Console().print(tree)
+            log.info("Model:\n%s", built.summary)
         log.info(
             "%s; %d training and %d test images; run folder %s",
             built.learner.compute, *built.sizes, run_dir,
@@ -233,6 +245,7 @@ class RunRecord:
         else:
             checkpoint.save(self.checkpoint(learner, epoch=0), self.run_dir / LAST)
         files.write_atomically(self.run_dir / SUMMARY, self.facts.network + "\n")
+        files.write_atomically(self.run_dir / CONFIG_TREE, self.facts.config_tree)
         self.publish(self.results(RUNNING))
 
     def repair(self, resumed: Resumed) -> None:
@@ -417,7 +430,26 @@ class RunRecord:
         )  # fmt: skip
         name = self.facts.optimized_metric
         log.info("Optimised metric: best %s %.4f", name, results[f"best_{name}"])
+        if note := smoothing_note(
+            self.facts.label_smoothing, self.facts.num_classes, self.history[-1]
+        ):
+            log.info("%s", note)
         return results
+
+
+def smoothing_note(smoothing: float, classes: int, last: dict) -> str | None:
+    """A line for a training loss that stays high at (nearly) 100% training accuracy because
+    label smoothing keeps it there (debug=overfit); None otherwise."""
+    if not smoothing or last["train_acc"] < 0.99:
+        return None
+    # The loss of a perfect prediction: the entropy of the smoothed target distribution.
+    right, wrong = 1 - smoothing + smoothing / classes, smoothing / classes
+    floor = -right * math.log(right) - (classes - 1) * wrong * math.log(wrong)
+    return (
+        f"Training accuracy {100 * last['train_acc']:.1f}% with training loss "
+        f"{last['train_loss']:.3f}: label smoothing (trainer.label_smoothing={smoothing}) "
+        f"keeps even a perfect prediction's loss at {floor:.3f} or more"
+    )
 
 
 def resumed_history(resumed: Resumed, metrics_file: Path) -> list[dict]:

@@ -16,11 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 
 from cifar_exp.settings import SCORES, best_is_lowest
 
 if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
     from cifar_exp.track.per_class import ClassView
 
 
@@ -74,6 +75,9 @@ def start_run(
     ends, with the exit code of an error or stop signal that ends it (W&B's own context
     manager would print a traceback for it). `tags` join the logger's own.
     """
+    # A new W&B session for every job (a no-op for the first): W&B reads its folders' variables
+    # when a session starts, and warns at every later job of a multirun that they changed.
+    wandb.teardown()
     keep_files_in(run_dir)
     tensorboard = logger_cfg.get("tensorboard", False)
     logger_cfg = OmegaConf.masked_copy(logger_cfg, [k for k in logger_cfg if k != "tensorboard"])
@@ -94,7 +98,11 @@ def start_run(
         reinit="finish_previous",  # one run per job, even inside a multirun process
         **resume,
     )
-    writer = SummaryWriter(str(run_dir / TENSORBOARD)) if tensorboard else None
+    writer = None
+    if tensorboard:  # the tensorboard extra: preflight checked that it is installed
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / TENSORBOARD))
     try:
         yield Tracker(run, writer)
     except BaseException as err:
