@@ -153,3 +153,24 @@ def test_a_damaged_or_unwritable_cache_is_rebuilt_or_skipped_with_a_warning(tmp_
     assert np.array_equal(third.images, first.images)
     assert "The decoded images are not cached: cannot write" in caplog.text
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_report_over_every_folder_reports_the_finished_runs_and_lists_the_failed(
+    small_run, tmp_path
+):
+    """`cifar-report outputs/*/*` where outputs holds a finished run, a run refused at its
+    start and an evaluation."""
+    shutil.copytree(small_run, tmp_path / "finished")
+    failed = run_cli("train", "data.root=/nonexistent", "data.format=folder",
+                     f"hydra.run.dir={tmp_path / 'failed'}", check=False)  # fmt: skip
+    assert failed.returncode == 2
+    run_cli("evaluate", f"ckpt={small_run / 'checkpoints' / 'best.pt'}", "logger=none",
+            f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
+    proc = run_cli("report", *map(str, sorted(tmp_path.iterdir())), "--images", "0",
+                   "--out", str(tmp_path / "report"))  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert f"{tmp_path / 'failed'} (failed, No data set at data.root=/nonexistent" in output
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert text.count("| [") == 1 and "](../finished)" in text
+    assert str(tmp_path / "eval") in output  # listed: it holds no run

@@ -161,6 +161,14 @@ def load_run(run_dir: Path) -> Run | LeftOut:
     return Run(run_dir, config, overrides, metrics, results)
 
 
+def evaluation(folder: Path) -> bool:
+    """Whether the folder is an evaluation's (cifar_exp.evaluate), not a training run's."""
+    try:
+        return OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.job.name == "evaluate"
+    except Exception:  # noqa: BLE001 - unreadable: a run's, damaged, named by load_run
+        return False
+
+
 def job_number(run_dir: Path) -> int:
     """The run's number in its sweep (hydra.job.num; 0 for a single run): its launch order;
     from the folder's name (<num>_<overrides>) if its .hydra/hydra.yaml is unreadable."""
@@ -205,11 +213,11 @@ def find_runs(folders: Sequence[Path]) -> Comparison:
     left_out: list[LeftOut] = []
     for folder in folders:
         run_dirs = sorted(
-            {p.parent for p in folder.rglob(".hydra") if p.is_dir()},
+            {p.parent for p in folder.rglob(".hydra") if p.is_dir() and not evaluation(p.parent)},
             key=lambda p: (p.parent, job_number(p), p.name),
         )
         if not run_dirs:
-            left_out.append(LeftOut(str(folder), "no runs", "no run folder (one holding .hydra/)"))
+            left_out.append(LeftOut(str(folder), "no runs", "no training run folder in it"))
         for loaded in map(load_run, run_dirs):
             (runs if isinstance(loaded, Run) else left_out).append(loaded)
         left_out += never_started(folder, run_dirs)
