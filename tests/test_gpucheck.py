@@ -12,7 +12,7 @@ import tarfile
 import pytest
 from conftest import REPO, write_tree
 
-from cifar_exp.tools.gpucheck import data_overrides
+from cifar_exp.tools.gpucheck import data_overrides, machine_data_root
 
 
 def gpucheck(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -71,3 +71,9 @@ def test_data_may_be_a_folder_tree_the_official_folder_or_an_archive(tmp_path):
     (unpacked,) = (tmp_path / "work").glob("copy-*")
     assert fmt == "data.format=folder" and root == f"data.root={unpacked}"
     assert sorted(os.listdir(unpacked / "train")) == ["a", "b"]
+
+
+def test_without_data_it_reads_the_machines_data_location(tmp_path, monkeypatch):
+    """--data defaults to where training reads the data: CIFAR_DATA here."""
+    monkeypatch.setenv("CIFAR_DATA", str(tmp_path / "cifar.tar.gz"))
+    assert machine_data_root() == tmp_path / "cifar.tar.gz"

@@ -214,7 +214,7 @@ def resolve_compute(device: torch.device, trainer: TrainerSettings) -> Compute:
 
     precision auto: bf16 autocast where the device runs bf16 natively, else fp32.
     compile auto: on for CUDA; off elsewhere (on the CPU it did not pay back its compile time,
-    see BENCHMARKS.md).
+    see docs/benchmarks/log.md).
     subsampled_convs and packed_dropout auto: on for the CPU, the only device measured.
     """
     precision = trainer.precision

@@ -7,7 +7,7 @@ Both keep the parameters, so state_dicts and checkpoints do not change:
   without oneDNN's slow weight gradient for dilated convolutions.
 - PackedDropout cuts its masks from 64-bit random words, four draws per word: PyTorch's CPU
   dropout draws one random number per element, the largest cost of the seed network's step.
-BENCHMARKS.md measures each (`python -m cifar_exp.bench`).
+docs/benchmarks/log.md measures each (`python -m cifar_exp.bench`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def grid_geometry(size: int, kernel: int, step: int, padding: int) -> tuple[int,
 class Subsample(torch.autograd.Function):
     """x[index], copied in x's memory layout, with a gradient in that layout too: slicing's own
     gradient comes back NCHW, which sent the BatchNorm below a channels_last transition down a
-    mixed-layout kernel ten times slower (BENCHMARKS.md)."""
+    mixed-layout kernel ten times slower (docs/benchmarks/log.md)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, index: tuple) -> Tensor:

@@ -386,6 +386,12 @@ def table(report: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def machine_data_root() -> Path:
+    """This machine's data location, as training reads it (CIFAR_DATA or conf/local/)."""
+    with initialize_config_module(CONF_MODULE, version_base="1.3"):
+        return Path(compose("train").data.root)
+
+
 def data_overrides(path: Path, work: Path) -> list[str]:
     """data.root and data.format for a folder tree, the official files' folder, or an archive
     of either (unpacked into `work`), found before any step is timed."""
@@ -396,8 +402,9 @@ def data_overrides(path: Path, work: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--data", type=Path, default=Path("data"),
-        help="CIFAR-10: a folder tree, the official files' folder, or a .tar.gz of a folder tree",
+        "--data", type=Path,
+        help="CIFAR-10: a folder tree, the official files' folder, or a .tar.gz of a folder tree "
+        "(default: this machine's data location, CIFAR_DATA or conf/local/, as for training)",
     )  # fmt: skip
     parser.add_argument("--steps", default=",".join(STEPS), help=f"a subset of {', '.join(STEPS)}")
     parser.add_argument("--images", type=int, default=5000, help="training images, small runs")
@@ -419,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(USAGE_ERROR)
     work = args.work or Path("outputs/gpucheck") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     work.mkdir(parents=True, exist_ok=True)
-    overrides = [*data_overrides(args.data, work), f"trainer.device={args.device}", *args.overrides]
+    data = args.data or machine_data_root()
+    overrides = [*data_overrides(data, work), f"trainer.device={args.device}", *args.overrides]
     check = Check(overrides, args.device, args.images, work)
     report = {**machine(args.device), "steps": run_steps(check, names)}
     out = args.out or work / "gpucheck.json"
