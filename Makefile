@@ -46,13 +46,13 @@ test-quick: $(INSTALLED) lint ## the lint, then the tests not marked slow (the e
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: $(INSTALLED) ## ruff check, ruff format --check, and the import layers (lint-imports)
-	$(VENV)/bin/ruff check cifar_exp conf tests tools
-	$(VENV)/bin/ruff format --check cifar_exp conf tests tools
+	$(VENV)/bin/ruff check cifar_exp conf hydra_plugins tests tools
+	$(VENV)/bin/ruff format --check cifar_exp conf hydra_plugins tests tools
 	$(VENV)/bin/lint-imports --no-cache
 
 format: $(INSTALLED) ## ruff format and ruff check --fix
-	$(VENV)/bin/ruff format cifar_exp conf tests tools
-	$(VENV)/bin/ruff check --fix cifar_exp conf tests tools
+	$(VENV)/bin/ruff format cifar_exp conf hydra_plugins tests tools
+	$(VENV)/bin/ruff check --fix cifar_exp conf hydra_plugins tests tools
 
 clean: ## remove the run folders under outputs/ and the tools' caches
 	rm -rf outputs/*/ .pytest_cache .ruff_cache

@@ -19,13 +19,17 @@ from cifar_exp.engine.loop import LoopOptions, fit
 from cifar_exp.errors import exit_on_user_error
 from cifar_exp.settings import CONF_PATH
 from cifar_exp.track.record import RunRecord
+from hydra_plugins.optuna_pruning_sweeper import Pruned, job_trial
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> float:
+def train(cfg: DictConfig) -> float | Pruned:
     """Check the config, build what it names, train, and return the optimised metric's value
     at the best epoch (what a Hydra sweeper such as optuna optimises).
+
+    In a pruned search (hydra/sweeper=optuna_pruning) the job reports that value to its
+    trial after every epoch; when the trial's pruner stops it, it returns Pruned instead.
 
     With trainer.resume, or started again in a folder that holds a checkpoint (a requeued
     SLURM job), continue the run in its own folder from its last checkpoint. Under
@@ -42,17 +46,21 @@ def train(cfg: DictConfig) -> float:
         cfg, settings = resumed.config, preflight.check(resumed.config)
     seed_everything(settings.seed, settings.trainer.deterministic)
     built = build(cfg, settings, ranks, resumed)
-    with RunRecord.open(run_dir, cfg, settings, built, resumed, ranks.is_main) as record:
+    trial = job_trial()
+    with RunRecord.open(run_dir, cfg, settings, built, resumed, ranks.is_main, trial) as record:
         if resumed:
             resumed.restore_rng()  # last: building the run drew random numbers
         with signals.stop_on_signals():
             fit(built.learner, built.loaders, LoopOptions.of(settings), record)
+        if record.pruned:
+            record.end_pruned()
+            return Pruned(step=record.history[-1]["epoch"])
         results = record.finish()
     return results[f"best_{settings.optimized_metric}"]
 
 
 @hydra.main(config_path=CONF_PATH, config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | Pruned:
     try:
         return run_job(train, cfg)
     finally:

@@ -9,7 +9,7 @@ import pytest
 from conftest import compose_train
 
 from cifar_exp.engine import preflight
-from cifar_exp.engine.jobs import OPTUNA_SWEEPER, JobFailed, hide_failed_returns
+from cifar_exp.engine.jobs import OPTUNA_SWEEPERS, JobFailed, hide_failed_returns
 from cifar_exp.track import plots
 from cifar_exp.track.record import smoothing_note
 
@@ -54,10 +54,11 @@ def test_a_loss_that_label_smoothing_keeps_high_is_explained():
     assert smoothing_note(0.0, 10, {"train_acc": 1.0, "train_loss": 0.01}) is None
 
 
-def test_the_optuna_sweepers_wrapper_of_a_failed_job_is_not_shown():
+@pytest.mark.parametrize("sweeper", OPTUNA_SWEEPERS)
+def test_the_optuna_sweepers_wrapper_of_a_failed_job_is_not_shown(sweeper):
     failed = JobFailed("the training loss became nan at epoch 2, step 3", 3)
     wrapped = f"Failed experiment: Return value must be float-castable. Got '{failed}'."
-    record = logging.LogRecord(OPTUNA_SWEEPER, logging.WARNING, "", 0, wrapped, None, None)
+    record = logging.LogRecord(sweeper, logging.WARNING, "", 0, wrapped, None, None)
     assert not hide_failed_returns(record)
-    other = logging.LogRecord(OPTUNA_SWEEPER, logging.INFO, "", 0, "Best value: 0.5", None, None)
+    other = logging.LogRecord(sweeper, logging.INFO, "", 0, "Best value: 0.5", None, None)
     assert hide_failed_returns(other)

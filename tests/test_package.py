@@ -50,6 +50,9 @@ def build_wheel(tmp_path: Path) -> Path:
         REPO / "cifar_exp", source / "cifar_exp", ignore=shutil.ignore_patterns("__pycache__")
     )
     shutil.copytree(REPO / "conf", source / "conf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "hydra_plugins", source / "hydra_plugins", ignore=shutil.ignore_patterns("__pycache__")
+    )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     dist = tmp_path / "dist"
@@ -131,7 +134,8 @@ def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
         bin_dir / "cifar-train", "--cfg", "hydra", "hydra/launcher=slurm", "hparams_search=optuna",
         cwd=elsewhere, env=env,
     )  # fmt: skip
-    assert "submitit_launcher.SlurmLauncher" in hydra and "optuna_sweeper.OptunaSweeper" in hydra
+    assert "submitit_launcher.SlurmLauncher" in hydra
+    assert "optuna_pruning_sweeper.OptunaPruningSweeper" in hydra  # the wheel's own plugin
     for script, line in HELP.items():
         assert line in run(bin_dir / script, "--help", cwd=elsewhere, env=env)
 
@@ -147,6 +151,7 @@ def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
     ("arg", "module", "extra"),
     [
         ("hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "search"),
+        ("hydra/sweeper=optuna_pruning", "hydra_plugins.hydra_optuna_sweeper", "search"),
         ("hydra/launcher=joblib", "hydra_plugins.hydra_joblib_launcher", "cluster"),
         ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "cluster"),
     ],

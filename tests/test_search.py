@@ -1,14 +1,16 @@
 """hparams_search=optuna: a search on the validation split, kept in an SQLite study that a
-second session continues."""
+second session continues; its pruner stops the trials that are behind."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import optuna
 import pytest
 import yaml
-from conftest import compose_train, data_overrides, read_metrics, run_cli
+from conftest import compose_train, data_overrides, read_metrics, run_cli, wandb_records
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from cifar_exp.engine import preflight
@@ -131,3 +133,83 @@ def test_a_validation_split_larger_than_the_data_stops_the_search_before_its_fir
         "data.limit_train=1000; hold out fewer, e.g. data.val_size=100"
     )
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("train.log"))
+
+
+def trials_of(folder):
+    """The study of a search folder, and its trial folders by trial number (the number the
+    sweeper gave the job, else the job's place in the session)."""
+    study = optuna.load_study(study_name="cifar_exp", storage=f"sqlite:///{folder}/optuna.db")
+    runs = sorted(p for p in folder.iterdir() if (p / "results.json").is_file())
+    return study, runs
+
+
+def prunable_search(tmp_path, cifar_root, cache_dir, *overrides):
+    """A search of 3 trials of 3 epochs on 300 images (100 held out, batches of 16) over
+    optimizer.lr alone, where TPE's random start (seed 0) draws 1e-6, 0.05, 1e-6: the tiny
+    rate stays at chance (val_acc 0.10 every epoch), 0.05 is past it after epoch 1 (0.16)."""
+    group = tmp_path / "conf" / "hparams_search"
+    group.mkdir(parents=True)
+    (group / "prunable.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - optuna\n"
+        "hydra:\n  sweeper:\n    sampler:\n      seed: 0\n    params:\n"
+        "      optimizer.lr: choice(0.05, 1e-6)\n      optimizer.weight_decay: 0.0005\n"
+        "      model.dropout: 0.0\n      data.batch_size: 16\n      scheduler: step\n"
+    )
+    out = tmp_path / "out"
+    proc = run_cli(
+        "train", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "hparams_search=prunable",
+        *data_overrides(cifar_root, cache_dir, train=300, test=100), "data.val_size=100",
+        "trainer.epochs=3", "hydra.sweeper.n_trials=3", f"output_root={out}", *overrides,
+    )  # fmt: skip
+    return proc, out / "optuna" / "cifar_exp"
+
+
+@pytest.mark.slow
+def test_a_trial_that_is_behind_is_pruned_after_its_first_epoch(cifar_root, cache_dir, tmp_path):
+    """The median pruner, after one finished trial: trial 1 (0.05) is ahead of trial 0 and
+    goes on; trial 2 (1e-6) is below the median of trials 0 and 1 at epoch 1 and stops."""
+    proc, folder = prunable_search(
+        tmp_path, cifar_root, cache_dir, "hydra.sweeper.pruner.n_startup_trials=1",
+        "logger=wandb",  # offline: the pruned run's tag
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    study, runs = trials_of(folder)
+    assert [t.params["optimizer.lr"] for t in study.trials] == [1e-6, 0.05, 1e-6]
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED], output
+    assert [sorted(t.intermediate_values) for t in study.trials] == [[1, 2, 3], [1, 2, 3], [1]]
+    assert study.trials[2].intermediate_values[1] == pytest.approx(0.1)
+    assert study.trials[1].intermediate_values[1] > 0.1  # the median it fell below
+    results = [json.loads((run / "results.json").read_text()) for run in runs]
+    assert [(r["state"], r["epochs"]) for r in results] == [
+        ("finished", 3), ("finished", 3), ("pruned", 1),
+    ]  # fmt: skip
+    assert len(read_metrics(runs[2])) == 1 and not (runs[2] / "per_class.json").exists()
+    assert "Pruned by the search after epoch 1/3 (trial 2)" in output
+    assert "Trial 2 pruned after step 1" in output and proc.returncode == 0
+    for i, tagged in ((1, False), (2, True)):  # the run's own tags, and `pruned` if it was
+        tags = [r["run"]["tags"] for r in wandb_records(runs[i]) if r["type"] == "run"]
+        assert f"config:{results[i]['configuration_id']}" in tags[-1]
+        assert ("pruned" in tags[-1]) is tagged
+    best = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert best["best_params"]["optimizer.lr"] == 0.05
+
+
+@pytest.mark.slow
+def test_without_a_pruner_every_trial_trains_to_its_end(cifar_root, cache_dir, tmp_path):
+    """hydra/sweeper/pruner=none: the jobs get no trial and report nothing, as with
+    hydra-optuna-sweeper; the trial that the median pruner stops above runs its 3 epochs."""
+    proc, folder = prunable_search(
+        tmp_path, cifar_root, cache_dir, "hydra/sweeper/pruner=none", "logger=none"
+    )
+    study, runs = trials_of(folder)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert all(t.intermediate_values == {} for t in study.trials)
+    results = [json.loads((run / "results.json").read_text()) for run in runs]
+    assert [(r["state"], r["epochs"]) for r in results] == [("finished", 3)] * 3
+    assert [t.value for t in study.trials] == [r["best_val_acc"] for r in results]
+    for run in runs:
+        hydra_overrides = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.overrides.hydra
+        assert not any("HYDRA_OPTUNA_TRIAL" in o for o in hydra_overrides)
+    assert "Pruner: None" in proc.stdout + proc.stderr

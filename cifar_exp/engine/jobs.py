@@ -31,6 +31,7 @@ CLUSTER_SUBMITIT = ("cluster", "hydra_plugins.hydra_submitit_launcher")
 EXTRAS = {
     "hparams_search=optuna": SEARCH,
     "hydra/sweeper=optuna": SEARCH,
+    "hydra/sweeper=optuna_pruning": SEARCH,
     "hydra/launcher=joblib": ("cluster", "hydra_plugins.hydra_joblib_launcher"),
     "hydra/launcher=submitit_local": CLUSTER_SUBMITIT,
     "hydra/launcher=submitit_slurm": CLUSTER_SUBMITIT,
@@ -76,7 +77,9 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         return JobFailed(str(err), exit_code(err))
 
 
-OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper._impl"
+# hydra-optuna-sweeper's loop, and the project's (hydra/sweeper=optuna_pruning)
+OPTUNA_SWEEPERS = ("hydra_plugins.hydra_optuna_sweeper._impl",
+                   "hydra_plugins.optuna_pruning_sweeper._impl")  # fmt: skip
 
 
 def hide_failed_returns(record: logging.LogRecord) -> bool:
@@ -100,7 +103,8 @@ class SweepReport(Callback):
         self.notes = Path(config.hydra.sweep.dir) / f".failed-jobs-{uuid.uuid4().hex[:8]}"
         # The job has logged why it failed and the list at the end names it: the sweeper's own
         # warning about the value it returned would only wrap it.
-        logging.getLogger(OPTUNA_SWEEPER).addFilter(hide_failed_returns)
+        for sweeper in OPTUNA_SWEEPERS:
+            logging.getLogger(sweeper).addFilter(hide_failed_returns)
         # A value every job would refuse (a search's data.val_size beyond data.limit_train, an
         # unknown key) stops the sweep before its first job, in one message.
         with exit_on_user_error():

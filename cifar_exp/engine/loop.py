@@ -32,6 +32,8 @@ class Record(Protocol):
     @property
     def stops_early(self) -> bool: ...
 
+    pruned: bool  # a search's pruner stopped the run (after the last epoch kept)
+
     def end_epoch(self, metrics: dict, learner: Learner) -> None: ...
 
     def keep_interrupted(self, learner: Learner, stop: signals.Interrupted) -> None: ...
@@ -146,7 +148,8 @@ def fit(learner: Learner, loaders: Loaders, options: LoopOptions, record: Record
     the training metrics are summed over the ranks. A NaN or infinite loss raises
     TrainingDiverged before its step is kept; a stop signal (see `signals`) raises
     Interrupted after a finished step, once the record has kept the weights so far. The
-    record also says when the run stops early (trainer.early_stopping). With
+    record also says when the run stops early (trainer.early_stopping) or a search's pruner
+    stopped it. With
     `options.profile_steps`, torch.profiler records that many of the first epoch's steps and
     the record keeps the profile.
     """
@@ -157,7 +160,8 @@ def fit(learner: Learner, loaders: Loaders, options: LoopOptions, record: Record
     try:
         with profiler or contextlib.nullcontext():
             for epoch in range(record.next_epoch, options.epochs + 1):
-                if record.stops_early:  # trainer.early_stopping, decided with the best epoch
+                # trainer.early_stopping, decided with the best epoch; a search's pruner
+                if record.stops_early or record.pruned:
                     break
                 loaders.train.seed_epoch(options.seed, epoch)
                 start = time.perf_counter()

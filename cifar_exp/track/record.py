@@ -38,12 +38,12 @@ import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from cifar_exp import files
+from cifar_exp import distributed, files
 from cifar_exp.engine import checkpoint, jobs, profiling, resume, signals
 from cifar_exp.settings import SCORES, DataSettings, best_is_lowest, checked
 from cifar_exp.track import plots
@@ -68,6 +68,20 @@ CHECKPOINTS = Path("checkpoints")
 LAST, BEST = CHECKPOINTS / "last.pt", CHECKPOINTS / "best.pt"
 # results.json's "state": what the run is doing, or how it ended.
 RUNNING, STOPPED, FAILED, FINISHED = "running", "stopped", "failed", "finished"
+PRUNED = "pruned"  # stopped by a search's pruner (hydra/sweeper=optuna_pruning)
+PRUNED_TAG = "pruned"  # the W&B tag of a pruned run
+
+
+class Trial(Protocol):
+    """A search trial that the run reports to after every epoch, and whose pruner may stop
+    it: the optuna.trial.Trial that hydra_plugins/optuna_pruning_sweeper hands a search's job
+    (typed here by what the record asks of it, so the core needs no Optuna)."""
+
+    number: int
+
+    def report(self, value: float, step: int) -> None: ...
+
+    def should_prune(self) -> bool: ...
 
 
 def best_epoch(history: list[dict], metric: str) -> dict:
@@ -158,8 +172,11 @@ class RunRecord:
         done_epochs: int = 0,
         history: list[dict] | None = None,
         writes: bool = True,
+        trial: Trial | None = None,
     ) -> None:
         self.run_dir, self.facts, self.tracker, self.writes = run_dir, facts, tracker, writes
+        self.trial = trial
+        self.pruned = False  # whether the trial's pruner stopped the run
         self.ended_as: str | None = None  # the state the run ended in before `finish`
         self.next_epoch = done_epochs + 1
         self.history = list(history or [])
@@ -176,12 +193,14 @@ class RunRecord:
         built: BuiltRun,
         resumed: Resumed | None = None,
         writes: bool = True,
+        trial: Trial | None = None,
     ) -> Iterator[RunRecord]:
         """The record of the run that `cfg` configures and `built` holds, continuing the
         `resumed` one if given, with its W&B run open for the block (marked failed if the
         block raises). A new run's folder gets its first checkpoint (epoch 0) here, so that
         from now on the run can be resumed whenever it dies; a resumed run's folder is
-        repaired first. results.json says how the block ended."""
+        repaired first. results.json says how the block ended. A search `trial` is told
+        every epoch's value and may stop the run (`pruned`)."""
         config = OmegaConf.to_container(cfg, resolve=True)
         config_id = configuration_id(config)
         # A resumed run keeps its tags: this command's Hydra choices are not the run's.
@@ -225,7 +244,10 @@ class RunRecord:
             )
             history = resumed_history(resumed, run_dir / METRICS) if resumed else []
             done = resumed.epoch if resumed else 0
-            record = cls(run_dir, facts, tracker, done_epochs=done, history=history, writes=writes)
+            record = cls(
+                run_dir, facts, tracker, done_epochs=done, history=history, writes=writes,
+                trial=trial,
+            )  # fmt: skip
             if writes:
                 record.start(built.learner, resumed)
             try:
@@ -290,10 +312,17 @@ class RunRecord:
     def end_epoch(self, metrics: dict, learner: Learner) -> None:
         """Keep a finished epoch: its metrics line, its log, last.pt (which commits the
         epoch), best.pt if it is the best epoch so far (after last.pt: a run that dies between
-        the two has the best weights in last.pt, and `repair` copies them), results.json."""
+        the two has the best weights in last.pt, and `repair` copies them), results.json.
+        Then a search trial is told the epoch, and its pruner may stop the run."""
         self.history.append(metrics)
-        if not self.writes:
-            return
+        if self.writes:
+            self.keep_epoch(metrics, learner)
+        if self.trial is not None:
+            # Rank 0 reports and asks; under DDP every rank stops with it.
+            self.pruned = bool(distributed.broadcast(self.writes and self.trial_prunes()))
+
+    def keep_epoch(self, metrics: dict, learner: Learner) -> None:
+        """The epoch's files, log line and W&B step (the process that writes: rank 0)."""
         files.append_line(self.run_dir / METRICS, json.dumps(metrics))
         results = self.results(RUNNING)
         swept = f"best_{self.facts.optimized_metric}"  # the W&B sweep files' metric
@@ -315,6 +344,31 @@ class RunRecord:
                 self.facts.monitor, metrics["epoch"] - self.best["epoch"], self.best["epoch"],
                 self.facts.patience,
             )  # fmt: skip
+
+    def trial_prunes(self) -> bool:
+        """Report the value the run would return now (the optimised metric at the best epoch
+        so far, which only improves) to the search trial as the epoch's, and whether the
+        trial's pruner stops the run here. The last epoch, or one after which the run stops
+        early anyway, is reported but not judged: a finished trial tells the sampler more."""
+        assert self.trial is not None
+        epoch = self.history[-1]["epoch"]
+        self.trial.report(self.best[self.facts.optimized_metric], epoch)
+        return epoch < self.facts.epochs and not self.stops_early and self.trial.should_prune()
+
+    def end_pruned(self) -> None:
+        """The run's end when the search's pruner stopped it: results.json's state pruned
+        (with the epochs trained) and the W&B run tagged."""
+        assert self.trial is not None
+        name, epoch = self.facts.optimized_metric, self.history[-1]["epoch"]
+        log.info(
+            "Pruned by the search after epoch %d/%d (trial %d): best %s %.4f so far is behind "
+            "the other trials'. Run folder: %s",
+            epoch, self.facts.epochs, self.trial.number, name,
+            self.best[name], self.run_dir,
+        )  # fmt: skip
+        if self.writes:
+            self.tracker.add_tags(PRUNED_TAG)
+        self.end_as(PRUNED)
 
     def publish(self, results: dict[str, Any]) -> None:
         """The results so far into results.json and the W&B summary (every epoch, so a run

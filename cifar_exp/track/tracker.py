@@ -148,6 +148,10 @@ class Tracker:
             self.writer.flush()
         self.run.log(data, step=step, **kwargs)
 
+    def add_tags(self, *tags: str) -> None:
+        """Tags the run gets while it runs (a search's pruned trial), beside its first ones."""
+        self.run.tags = (*self.run.tags, *tags)
+
     def define_metrics(self, optimized_metric: str) -> None:
         """Epoch metrics are plotted against `epoch`; the summary keeps each score's best value
         (highest accuracy, lowest loss), so a run that stops early still shows it.

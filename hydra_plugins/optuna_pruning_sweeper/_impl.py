@@ -1,0 +1,224 @@
+"""hydra-optuna-sweeper's ask-and-tell loop, with the study's pruner handed to the jobs and
+the trials it stops told PRUNED, and heartbeats for the trials a session runs.
+
+hydra-optuna-sweeper 1.3 keeps each trial inside its loop (Hydra issue #1954): a job cannot
+report intermediate values, and the loop tells only COMPLETE or FAIL. This loop asks and tells
+as that one does (the same search space, `params` syntax, samplers, batches of n_jobs trials,
+max_failure_rate and optimization_results.yaml), and adds:
+
+- the pruner: the study is created with it, and each job is given its trial's number
+  (`_job.TRIAL_ENV`, through hydra.job.env_set) to reopen the trial from the storage, report
+  to it and ask the pruner; a job that returns `Pruned` is told PRUNED;
+- the heartbeat: while a batch runs, a thread records a heartbeat for each of its trials; a
+  search killed mid-trial stops beating, and the next session (before each batch) marks such
+  trials failed (`optuna.storages.fail_stale_trials`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from hydra_plugins.optuna_pruning_sweeper._job import TRIAL_ENV, Pruned
+
+log = logging.getLogger(__name__)
+
+
+class PruningSweeperImpl(OptunaSweeperImpl):
+    def __init__(
+        self,
+        *,
+        pruner: optuna.pruners.BasePruner | None = None,
+        heartbeat_interval: int | None = None,
+        grace_period: int | None = None,
+        **config: Any,
+    ) -> None:
+        super().__init__(**config)
+        # NopPruner never prunes: its jobs are run as hydra-optuna-sweeper runs them.
+        self.pruner = None if isinstance(pruner, optuna.pruners.NopPruner) else pruner
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+        if self.pruner is not None and not isinstance(self.storage, str):
+            raise ValueError(
+                "hydra.sweeper.pruner needs a storage that the jobs can open: set "
+                "hydra.sweeper.storage to a database URL (sqlite:///<file>, postgresql://...)"
+            )
+
+    def study_storage(self) -> str | optuna.storages.RDBStorage | None:
+        """The storage URL, as an RDBStorage that keeps heartbeats when heartbeat_interval is
+        set (a storage that is no database, in memory, has none)."""
+        if self.heartbeat_interval is None or not isinstance(self.storage, str):
+            return self.storage
+        return optuna.storages.RDBStorage(
+            self.storage, heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period
+        )
+
+    def space(self, arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The distributions to sample and the fixed values, from `params` and the command
+        line; a GridSampler is given the grid and n_trials its size at most."""
+        self._process_searchspace_config()
+        distributions, fixed = create_params_from_overrides(
+            [*self._parse_sweeper_params_config(), *arguments]
+        )
+        distributions = {**(self.search_space_distributions or {}), **distributions}
+        for name in fixed:
+            distributions.pop(name, None)
+        if self.is_grid_sampler:
+            grid = {k: self._to_grid_sampler_choices(v) for k, v in distributions.items()}
+            self.sampler = self.sampler(grid)
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+            log.info(f"Updating num of trials to {self.n_trials} due to using GridSampler.")
+        return distributions, fixed
+
+    @property
+    def is_grid_sampler(self) -> bool:
+        return (
+            isinstance(self.sampler, functools.partial)
+            and self.sampler.func == optuna.samplers.GridSampler
+        )
+
+    def sweep(self, arguments: list[str]) -> None:
+        distributions, fixed = self.space(arguments)
+        directions = self._get_directions()
+        if self.pruner is not None and len(directions) > 1:
+            raise ValueError(
+                "hydra.sweeper.pruner prunes single-objective studies only (Optuna 2.10): set "
+                "hydra.sweeper.pruner=null or one direction"
+            )
+        study = optuna.create_study(
+            study_name=self.study_name, storage=self.study_storage(), sampler=self.sampler,
+            pruner=self.pruner, directions=directions, load_if_exists=True,
+        )  # fmt: skip
+        log.info(f"Study name: {study.study_name}")
+        log.info(f"Storage: {self.storage}")
+        log.info(f"Sampler: {type(self.sampler).__name__}")
+        log.info(f"Pruner: {type(self.pruner).__name__ if self.pruner else None}")
+        log.info(f"Directions: {directions}")
+        n_trials_to_go = self.n_trials
+        while n_trials_to_go > 0:
+            fail_stale_trials(study)
+            trials = [study.ask() for _ in range(min(n_trials_to_go, self.n_jobs))]
+            overrides = self._configure_trials(trials, distributions, fixed)
+            if self.pruner is not None:
+                overrides = [
+                    (*job, f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}")
+                    for job, trial in zip(overrides, trials, strict=True)
+                ]
+            with heartbeats(study, trials):
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            self.job_idx += len(returns)
+            failures = [
+                err for trial, ret in zip(trials, returns, strict=True)
+                if (err := self.tell(study, trial, ret, len(directions))) is not None
+            ]  # fmt: skip
+            if len(failures) / len(returns) > self.max_failure_rate:
+                log.error(
+                    f"Failed {failures} times out of {len(returns)} "
+                    f"with max_failure_rate={self.max_failure_rate}."
+                )
+                for ret in returns:
+                    ret.return_value  # noqa: B018 (raises the job's own error, with its traceback)
+            n_trials_to_go -= len(trials)
+        self.write_results(study, directions)
+
+    def tell(
+        self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, n_objectives: int
+    ) -> Exception | None:
+        """Tell the study how the trial's job ended: COMPLETE with its value(s), PRUNED if it
+        returned `Pruned`, or FAIL (returned as the error) if it raised or returned no value."""
+        try:
+            value = ret.return_value  # raises the job's error
+            if isinstance(value, Pruned):
+                study.tell(trial, state=TrialState.PRUNED)
+                log.info(f"Trial {trial.number} pruned after step {value.step}")
+                return None
+            study.tell(trial, values=trial_values(value, n_objectives))
+        except Exception as err:
+            if self.is_grid_sampler and "`Study.stop` is supposed to be invoked" in str(err):
+                return None  # the grid is exhausted: the trial was told before the sampler said so
+            study.tell(trial, state=TrialState.FAIL)
+            log.warning(f"Failed experiment: {err}")
+            return err
+        return None
+
+    def write_results(self, study: optuna.Study, directions: list[str]) -> None:
+        """optimization_results.yaml: the best trial (one objective) or the Pareto front."""
+        if len(directions) < 2:
+            best = study.best_trial
+            results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+            log.info(f"Best parameters: {best.params}")
+            log.info(f"Best value: {best.value}")
+        else:
+            front = [{"params": t.params, "values": t.values} for t in study.best_trials]
+            results = {"name": "optuna", "solutions": front}
+            log.info(f"Number of Pareto solutions: {len(front)}")
+            for t in study.best_trials:
+                log.info(f"    Values: {t.values}, Params: {t.params}")
+        OmegaConf.save(
+            OmegaConf.create(results), f"{self.config.hydra.sweep.dir}/optimization_results.yaml"
+        )
+
+
+def trial_values(value: Any, n_objectives: int) -> list[float]:
+    """A job's return value as the trial's values; ValueError if it is not one float-castable
+    value per objective."""
+    try:
+        values = [float(value)] if n_objectives == 1 else [float(v) for v in value]
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"Return value must be float-castable. Got '{value}'.") from err
+    if len(values) != n_objectives:
+        raise ValueError(f"Expected {n_objectives} values, got {len(values)}: {value}")
+    return values
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Mark failed the study's trials left running by a session that stopped beating (killed),
+    and say which; nothing without heartbeats."""
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        # Experimental in Optuna 2.9 and 2.10 (stable since 3.0): a warning every batch.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    if stale := sorted(t.number for t in failed if t.number in running):
+        log.warning(
+            f"Trial(s) {stale} were left running by a search that stopped (no heartbeat for "
+            "longer than the grace period): marked failed"
+        )
+
+
+@contextlib.contextmanager
+def heartbeats(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Iterator[None]:
+    """A heartbeat for each trial every heartbeat_interval seconds while the block runs (the
+    first at once), as Study.optimize does for the trial it runs; nothing without heartbeats."""
+    storage = study._storage
+    if not storage.is_heartbeat_enabled():
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial in trials:
+                storage.record_heartbeat(trial._trial_id)
+            if stop.wait(timeout=storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

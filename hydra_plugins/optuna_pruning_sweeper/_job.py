@@ -1,0 +1,45 @@
+"""The job's side of a pruned search: the trial the sweeper handed it, and what it returns
+when the pruner stopped it. Named with a leading underscore so that Hydra's plugin scan, which
+executes every other module of a plugin package again, keeps `Pruned` one class."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+
+if TYPE_CHECKING:
+    import optuna
+
+# The number of the trial a job runs, set by the sweeper through hydra.job.env_set: a Hydra
+# override of its own for every job, which any launcher (basic, joblib, submitit) applies in the
+# process that runs the job, and which stays out of the job's task overrides and folder name.
+TRIAL_ENV = "HYDRA_OPTUNA_TRIAL"
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What a job returns when its trial's pruner stopped it: the sweeper tells the study
+    PRUNED (with the last reported value), not FAILED."""
+
+    step: int  # the last step (epoch) the job trained and reported
+
+
+def job_trial() -> optuna.trial.Trial | None:
+    """The trial of this job of a pruned search, reopened from the study's storage with the
+    sweeper's pruner; None when the sweeper gave the job none (no pruner, another sweeper, a
+    single run)."""
+    number = os.environ.get(TRIAL_ENV)
+    if number is None:
+        return None
+    import optuna  # the search extra: only a pruning sweeper sets TRIAL_ENV
+
+    sweeper = HydraConfig.get().sweeper
+    study = optuna.load_study(
+        study_name=sweeper.study_name, storage=sweeper.storage, pruner=instantiate(sweeper.pruner)
+    )
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(number))
+    return optuna.trial.Trial(study, trial_id)
