@@ -51,7 +51,9 @@ def build_wheel(tmp_path: Path) -> Path:
     )
     shutil.copytree(REPO / "conf", source / "conf", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(
-        REPO / "hydra_plugins", source / "hydra_plugins", ignore=shutil.ignore_patterns("__pycache__")
+        REPO / "hydra_plugins",
+        source / "hydra_plugins",
+        ignore=shutil.ignore_patterns("__pycache__"),
     )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)

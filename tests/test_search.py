@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
 import yaml
-from conftest import compose_train, data_overrides, read_metrics, run_cli, wandb_records
+from conftest import REPO, compose_train, data_overrides, read_metrics, run_cli, wandb_records
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -166,12 +171,20 @@ def prunable_search(tmp_path, cifar_root, cache_dir, *overrides):
 
 
 @pytest.mark.slow
-def test_a_trial_that_is_behind_is_pruned_after_its_first_epoch(cifar_root, cache_dir, tmp_path):
+@pytest.mark.parametrize(
+    "launcher",
+    [(), ("hydra/launcher=joblib", "hydra.sweeper.n_jobs=2")],
+    ids=["one_at_a_time", "joblib_in_parallel"],
+)
+def test_a_trial_that_is_behind_is_pruned_after_its_first_epoch(
+    cifar_root, cache_dir, tmp_path, launcher
+):
     """The median pruner, after one finished trial: trial 1 (0.05) is ahead of trial 0 and
-    goes on; trial 2 (1e-6) is below the median of trials 0 and 1 at epoch 1 and stops."""
+    goes on; trial 2 (1e-6) is below the median of trials 0 and 1 at epoch 1 and stops. With
+    joblib, trials 0 and 1 train at once in two processes, then trial 2."""
     proc, folder = prunable_search(
         tmp_path, cifar_root, cache_dir, "hydra.sweeper.pruner.n_startup_trials=1",
-        "logger=wandb",  # offline: the pruned run's tag
+        "logger=wandb", *launcher,  # offline: the pruned run's tag
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     study, runs = trials_of(folder)
@@ -213,3 +226,43 @@ def test_without_a_pruner_every_trial_trains_to_its_end(cifar_root, cache_dir, t
         hydra_overrides = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.overrides.hydra
         assert not any("HYDRA_OPTUNA_TRIAL" in o for o in hydra_overrides)
     assert "Pruner: None" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_leaves_it_failed_when_run_again(cifar_root, cache_dir, tmp_path):
+    """SIGKILL to the whole search while its first trial trains: the trial stays RUNNING in
+    the study. The same command, run again after the grace period, marks it failed (its
+    heartbeat stopped) and runs its own trials to the end."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "cifar_exp.train", "hparams_search=optuna",
+        *data_overrides(cifar_root, cache_dir, train=200, test=100), "data.val_size=50",
+        "trainer.epochs=2", "logger=none", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2",
+        f"output_root={out}",
+    ]  # fmt: skip
+    folder = out / "optuna" / "cifar_exp"
+    search = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill reaches every process
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(folder.glob("*/results.json")):  # the trial's run has started
+        assert search.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(search.pid, signal.SIGKILL)
+    search.wait(timeout=60)
+    study, _ = trials_of(folder)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]
+
+    time.sleep(3)  # past the grace period (2 s) since its last heartbeat
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output
+    study, _ = trials_of(folder)
+    assert [t.state for t in study.trials] == [
+        TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE
+    ], output  # fmt: skip
+    assert "Trial(s) [0] were left running by a search that stopped" in output
+    best = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert best["best_value"] == study.best_value
