@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from cifar_exp.engine import preflight
+from hydra_plugins.optuna_pruning_sweeper import config_error
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +267,32 @@ def test_a_search_killed_mid_trial_leaves_it_failed_when_run_again(cifar_root, c
     assert "Trial(s) [0] were left running by a search that stopped" in output
     best = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert best["best_value"] == study.best_value
+
+
+def test_a_pruned_search_needs_a_database_that_the_jobs_can_open():
+    median, none = (
+        {"_target_": "optuna.pruners.MedianPruner"},
+        {"_target_": "optuna.pruners.NopPruner"},
+    )
+    sweeper = OmegaConf.create
+    assert config_error(sweeper({"pruner": median, "storage": "sqlite:///optuna.db"})) is None
+    assert config_error(sweeper({"pruner": none, "storage": None})) is None
+    assert config_error(sweeper({"storage": None})) is None  # hydra-optuna-sweeper's config
+    assert config_error(sweeper({"pruner": median, "storage": None})) == (
+        "hydra.sweeper.pruner needs a storage that the jobs can open, not "
+        "hydra.sweeper.storage=None: set it to a database URL (sqlite:///<file>, "
+        "postgresql://...), or hydra/sweeper/pruner=none"
+    )
+
+
+@pytest.mark.slow
+def test_a_pruned_search_in_memory_stops_before_its_first_trial(tmp_path):
+    proc = run_cli(
+        "train", "hparams_search=optuna", "hydra.sweeper.storage=null", "data.limit_train=300",
+        "data.val_size=50", f"output_root={tmp_path}", check=False,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "hydra.sweeper.storage" in line]
+    assert line.endswith("or hydra/sweeper/pruner=none")
+    assert not list(tmp_path.rglob("train.log"))

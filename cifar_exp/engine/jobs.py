@@ -18,8 +18,16 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp.errors import EXPECTED, debugging, exit_code, exit_on_user_error, require
+from cifar_exp.errors import (
+    EXPECTED,
+    UserError,
+    debugging,
+    exit_code,
+    exit_on_user_error,
+    require,
+)
 from cifar_exp.settings import Settings, checked
+from hydra_plugins.optuna_pruning_sweeper import config_error
 
 log = logging.getLogger("cifar_exp")
 
@@ -109,6 +117,8 @@ class SweepReport(Callback):
         # unknown key) stops the sweep before its first job, in one message.
         with exit_on_user_error():
             checked(Settings, OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+            if error := config_error(config.hydra.sweeper):  # a pruned search's storage
+                raise UserError(error)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.notes is None:  # a single run: its error is its own exit

@@ -27,11 +27,12 @@ from typing import Any
 
 import optuna
 from hydra.core.utils import JobReturn
+from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from hydra_plugins.optuna_pruning_sweeper._job import TRIAL_ENV, Pruned
+from hydra_plugins.optuna_pruning_sweeper._job import TRIAL_ENV, Pruned, config_error
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,13 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         # NopPruner never prunes: its jobs are run as hydra-optuna-sweeper runs them.
         self.pruner = None if isinstance(pruner, optuna.pruners.NopPruner) else pruner
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
-        if self.pruner is not None and not isinstance(self.storage, str):
-            raise ValueError(
-                "hydra.sweeper.pruner needs a storage that the jobs can open: set "
-                "hydra.sweeper.storage to a database URL (sqlite:///<file>, postgresql://...)"
-            )
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        if error := config_error(config.hydra.sweeper):
+            raise ValueError(error)
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def study_storage(self) -> str | optuna.storages.RDBStorage | None:
         """The storage URL, as an RDBStorage that keeps heartbeats when heartbeat_interval is

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 if TYPE_CHECKING:
     import optuna
@@ -18,6 +19,21 @@ if TYPE_CHECKING:
 # override of its own for every job, which any launcher (basic, joblib, submitit) applies in the
 # process that runs the job, and which stays out of the job's task overrides and folder name.
 TRIAL_ENV = "HYDRA_OPTUNA_TRIAL"
+
+
+def config_error(sweeper: DictConfig) -> str | None:
+    """Why this sweeper config cannot prune, in one line naming the key and the fix; None if
+    it can, or does not prune. The jobs reopen their trials from the storage: it must be a
+    database, not the sweeper's memory."""
+    pruner = sweeper.get("pruner")
+    prunes = pruner is not None and pruner.get("_target_") != "optuna.pruners.NopPruner"
+    if prunes and not isinstance(sweeper.get("storage"), str):
+        return (
+            f"hydra.sweeper.pruner needs a storage that the jobs can open, not "
+            f"hydra.sweeper.storage={sweeper.get('storage')}: set it to a database URL "
+            "(sqlite:///<file>, postgresql://...), or hydra/sweeper/pruner=none"
+        )
+    return None
 
 
 @dataclass(frozen=True)
