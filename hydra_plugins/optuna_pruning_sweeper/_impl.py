@@ -30,6 +30,7 @@ from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import DictConfig, OmegaConf
+from optuna.samplers import GridSampler
 from optuna.trial import TrialState
 
 from hydra_plugins.optuna_pruning_sweeper._job import TRIAL_ENV, Pruned, config_error
@@ -77,27 +78,20 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         distributions = {**(self.search_space_distributions or {}), **distributions}
         for name in fixed:
             distributions.pop(name, None)
-        if self.is_grid_sampler:
+        if isinstance(self.sampler, functools.partial) and self.sampler.func == GridSampler:
             grid = {k: self._to_grid_sampler_choices(v) for k, v in distributions.items()}
             self.sampler = self.sampler(grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
             log.info(f"Updating num of trials to {self.n_trials} due to using GridSampler.")
         return distributions, fixed
 
-    @property
-    def is_grid_sampler(self) -> bool:
-        return (
-            isinstance(self.sampler, functools.partial)
-            and self.sampler.func == optuna.samplers.GridSampler
-        )
-
     def sweep(self, arguments: list[str]) -> None:
         distributions, fixed = self.space(arguments)
         directions = self._get_directions()
         if self.pruner is not None and len(directions) > 1:
             raise ValueError(
-                "hydra.sweeper.pruner prunes single-objective studies only (Optuna 2.10): set "
-                "hydra.sweeper.pruner=null or one direction"
+                "hydra.sweeper.pruner prunes single-objective studies only (Optuna 2.10): choose "
+                "hydra/sweeper/pruner=none or one hydra.sweeper.direction"
             )
         study = optuna.create_study(
             study_name=self.study_name, storage=self.study_storage(), sampler=self.sampler,
@@ -148,7 +142,8 @@ class PruningSweeperImpl(OptunaSweeperImpl):
                 return None
             study.tell(trial, values=trial_values(value, n_objectives))
         except Exception as err:
-            if self.is_grid_sampler and "`Study.stop` is supposed to be invoked" in str(err):
+            grid = isinstance(self.sampler, GridSampler)
+            if grid and "`Study.stop` is supposed to be invoked" in str(err):
                 return None  # the grid is exhausted: the trial was told before the sampler said so
             study.tell(trial, state=TrialState.FAIL)
             log.warning(f"Failed experiment: {err}")
