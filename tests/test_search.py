@@ -296,3 +296,22 @@ def test_a_pruned_search_in_memory_stops_before_its_first_trial(tmp_path):
     (line,) = [line for line in output.splitlines() if "hydra.sweeper.storage" in line]
     assert line.endswith("or hydra/sweeper/pruner=none")
     assert not list(tmp_path.rglob("train.log"))
+
+
+def test_the_sweeper_is_found_from_any_folder_and_loads_no_optuna_until_a_search(tmp_path):
+    """Hydra's plugin scan finds the package's sweeper through the installed package (not the
+    current folder), and neither the scan (which registers its config) nor the training
+    command imports Optuna: a core install without the search extra trains."""
+    code = (
+        "import sys; import cifar_exp.train; from hydra.core.plugins import Plugins; "
+        "from hydra.plugins.sweeper import Sweeper; "
+        "print([p.__name__ for p in Plugins.instance().discover(Sweeper)]); "
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'optuna'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
+    sweepers, optuna_modules = proc.stdout.splitlines()
+    assert "OptunaPruningSweeper" in sweepers and optuna_modules == "[]", proc.stderr
