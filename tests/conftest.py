@@ -193,9 +193,13 @@ class RecordingTracker:
     def __init__(self):
         self.logged = []
         self.summary = {}
+        self.tags = []
 
     def log(self, metrics, step):
         self.logged.append((step, metrics))
+
+    def add_tags(self, *tags):
+        self.tags += tags
 
 
 def random_loader(n: int = 64, batch_size: int = 16, seed: int = 0):

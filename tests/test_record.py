@@ -147,3 +147,58 @@ def test_early_stopping_counts_the_epochs_since_the_best(tmp_path, patience, sto
     # Patience that runs out with the last epoch stops nothing.
     record.facts = RunFacts(monitor="val_acc", epochs=3, config={}, patience=patience)
     assert not record.stops_early
+
+
+class SearchTrial:
+    """Stands in for the optuna Trial of a pruned search (checked end to end in
+    test_search.py): keeps what it is told, and prunes when `prunes` says."""
+
+    number = 7
+
+    def __init__(self, prunes):
+        self.prunes, self.reports, self.asked = prunes, [], 0
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self):
+        self.asked += 1
+        return self.prunes
+
+
+@pytest.mark.parametrize(
+    ("monitor", "epochs", "patience", "told"),
+    [
+        # val_acc at the best test_acc's epoch; epoch 3 is the last one
+        ("test_acc", 3, None, [0.40, 0.70, 0.65]),
+        # val_acc is best at epoch 2: with patience 1 the run stops early after epoch 3
+        ("val_acc", 5, 1, [0.40, 0.70, 0.70]),
+    ],
+)
+def test_a_search_trial_is_told_the_value_so_far_and_judges_no_epoch_that_ends_the_run(
+    tmp_path, monitor, epochs, patience, told
+):
+    trial = SearchTrial(prunes=False)
+    facts = RunFacts(monitor=monitor, optimized_metric="val_acc", epochs=epochs, config={},
+                     patience=patience)  # fmt: skip
+    record = RunRecord(tmp_path, facts, RecordingTracker(), trial=trial)
+    learner = make_learner(ConvNet(TINY_BLOCKS))
+    for metrics in HISTORY:
+        record.end_epoch(dict(metrics), learner)
+    assert trial.reports == list(zip([1, 2, 3], told, strict=True))
+    assert trial.asked == 2 and not record.pruned  # epochs 1 and 2, not epoch 3
+
+
+def test_a_pruned_run_ends_with_the_state_pruned_its_epochs_and_a_tag(tmp_path, caplog):
+    trial, tracker = SearchTrial(prunes=True), RecordingTracker()
+    facts = RunFacts(monitor="val_acc", optimized_metric="val_acc", epochs=3, config={})
+    record = RunRecord(tmp_path, facts, tracker, trial=trial)
+    learner = make_learner(ConvNet(TINY_BLOCKS))
+    record.end_epoch(dict(HISTORY[0]), learner)
+    assert record.pruned and not record.stops_early
+    with caplog.at_level("INFO"):
+        record.end_pruned()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["state"], results["epochs"], results["planned_epochs"]) == ("pruned", 1, 3)
+    assert results["best_val_acc"] == 0.40 and tracker.tags == ["pruned"]
+    assert "Pruned by the search after epoch 1/3 (trial 7): best val_acc 0.4000" in caplog.text
