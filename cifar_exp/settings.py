@@ -202,6 +202,11 @@ class Settings(Section):
     runtime_keys: list[str] = []
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """What the network takes: channels, height, width."""
+        return (self.model.in_channels, self.data.image_size, self.data.image_size)
+
+    @property
     def metrics(self) -> tuple[str, ...]:
         """What every epoch records: val_* only with a validation set."""
         return EPOCH_METRICS + (VAL_METRICS if self.data.val_size else ())

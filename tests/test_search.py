@@ -10,16 +10,29 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from conftest import REPO, compose_train, data_overrides, read_metrics, run_cli, wandb_records
+from conftest import (
+    CONF_MODULE,
+    REPO,
+    compose_train,
+    data_overrides,
+    read_metrics,
+    run_cli,
+    wandb_records,
+)
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from cifar_exp.engine import preflight
+from cifar_exp.model.budget import count_parameters
 from hydra_plugins.optuna_pruning_sweeper import config_error
+from hydra_plugins.optuna_pruning_sweeper._impl import MAX_REFUSALS_IN_A_ROW, PruningSweeperImpl
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +157,7 @@ def test_a_validation_split_larger_than_the_data_stops_the_search_before_its_fir
 def trials_of(folder):
     """The study of a search folder, and its trial folders by trial number (the number the
     sweeper gave the job, else the job's place in the session)."""
-    study = optuna.load_study(study_name="cifar_exp", storage=f"sqlite:///{folder}/optuna.db")
+    study = optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder}/optuna.db")
     runs = sorted(p for p in folder.iterdir() if (p / "results.json").is_file())
     return study, runs
 
@@ -315,3 +328,67 @@ def test_the_sweeper_is_found_from_any_folder_and_loads_no_optuna_until_a_search
     )  # fmt: skip
     sweepers, optuna_modules = proc.stdout.splitlines()
     assert "OptunaPruningSweeper" in sweepers and optuna_modules == "[]", proc.stderr
+
+
+def refusing_search(cifar_root, cache_dir, out, *overrides: str) -> subprocess.CompletedProcess:
+    """hparams_search=small_net for one epoch on 200 images, with the budget given."""
+    return run_cli(
+        "train", "hparams_search=small_net",
+        *data_overrides(cifar_root, cache_dir, train=200, test=100), "data.val_size=50",
+        "trainer.epochs=1", "logger=none", "trainer.tta=none", f"output_root={out}",
+        *overrides, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_network_over_its_budget_is_refused_before_it_trains(cifar_root, cache_dir, tmp_path):
+    """hparams_search=small_net with budget.max_params=150,000: the sampler (seeded) draws
+    shapes above it too. Each of those is told PRUNED with why and trains nothing; the search
+    ends with its two trained trials and exit 0, no failure among them."""
+    proc = refusing_search(
+        cifar_root, cache_dir, tmp_path, "budget.max_params=150000",
+        "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=3",
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    study, runs = trials_of(tmp_path / "optuna" / "small_net")
+    refused = [t for t in study.trials if "refused" in t.user_attrs]
+    trained = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(trained) == 2 and len(runs) == 2 and refused, output
+    assert len(refused) + len(trained) == len(study.trials)
+    for trial in study.trials:  # refused exactly when the trial's network is over 150,000
+        overrides = [f"{name}={value}" for name, value in trial.params.items()]
+        network = instantiate(compose_train("experiment=small_best", *overrides).model)
+        over = count_parameters(network) > 150_000
+        assert (trial in refused) is over
+        if over:
+            assert trial.state == TrialState.PRUNED and not trial.intermediate_values
+            assert "over budget.max_params=150,000" in trial.user_attrs["refused"]
+            assert f"Trial {trial.number} refused before training" in output
+    params = sorted(json.loads((run / "results.json").read_text())["params"] for run in runs)
+    assert all(p <= 150_000 for p in params)
+
+
+@pytest.mark.slow
+def test_a_search_whose_networks_are_all_over_budget_stops_saying_so(tmp_path):
+    """Every shape of small_net has over 50,000 parameters: the search stops after its
+    refusals in a row, naming the key, and trains nothing."""
+    proc = refusing_search(Path("/nonexistent"), tmp_path, tmp_path, "budget.max_params=50000")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"{MAX_REFUSALS_IN_A_ROW} trials in a row were refused by hydra.sweeper." in output
+    assert not list(tmp_path.rglob("train.log"))
+
+
+def test_a_preset_built_on_another_drops_its_parameters_set_to_null():
+    """hparams_search=s9_fast keeps optuna.yaml's storage and pruner but none of its
+    parameters but the one it redefines (optimizer.lr): the sweeper reads null as left out."""
+    with initialize_config_module(CONF_MODULE, version_base="1.3"):
+        cfg = compose("train", ["hparams_search=s9_fast"], return_hydra_config=True)
+    sweeper = PruningSweeperImpl(**OmegaConf.to_container(cfg.hydra.sweeper, resolve=False))
+    arguments = sweeper._parse_sweeper_params_config()
+    names = [a.partition("=")[0] for a in arguments]
+    assert "optimizer.lr" in names and "optimizer.filters.lr" in names
+    assert not {"optimizer.weight_decay", "model.dropout", "scheduler"} & set(names)
+    assert cfg.hydra.sweeper.params["scheduler"] is None  # inherited, then dropped
+    assert cfg.trainer.label_smoothing == 0.2 and cfg.optimizer.filters.lr == 0.05  # s9_fast's

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torchinfo
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_exp import distributed
@@ -21,9 +21,9 @@ from cifar_exp.engine import checkpoint, optim
 from cifar_exp.engine.compute import resolve_compute, resolve_device
 from cifar_exp.engine.learner import Learner, Schedule
 from cifar_exp.engine.resume import Resumed
-from cifar_exp.errors import UserError
+from cifar_exp.errors import EXPECTED, UserError
 from cifar_exp.model import budget
-from cifar_exp.settings import DataSettings, Settings, call_factory
+from cifar_exp.settings import DataSettings, Settings, call_factory, checked
 
 log = logging.getLogger(__name__)
 WHITEN_EVERY = 10  # model.whiten: every 10th training image (5,000 of CIFAR-10) gives the patches
@@ -61,8 +61,7 @@ def build(
     if settings.trainer.threads:
         torch.set_num_threads(settings.trainer.threads)
     model = instantiate(cfg.model)
-    size = settings.data.image_size
-    image_shape = (settings.model.in_channels, size, size)
+    image_shape = settings.image_shape
     params, rf = budget.enforce(model, settings.budget, image_shape)
     log.info("Model: %s parameters, receptive field %d pixels", f"{params:,}", rf)
     # On the CPU before the model moves: torchinfo would otherwise pick a device of its own.
@@ -125,6 +124,21 @@ def normalised(images: np.ndarray, data_settings: DataSettings) -> torch.Tensor:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data_settings.mean, data_settings.std))
     return (x - mean) / std
+
+
+def budget_refusal(cfg: DictConfig) -> str | None:
+    """Why a search trial's network is outside its budget, or None: the network searches'
+    hydra.sweeper.trial_check, run on each trial's config before it is launched, without its
+    data. Any other fault of the config is left to the trial, whose run reports it."""
+    cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    try:
+        settings = checked(Settings, cfg)
+        budget.enforce(instantiate(cfg.model), settings.budget, settings.image_shape)
+    except budget.OverBudget as err:
+        return str(err)
+    except EXPECTED:
+        pass
+    return None
 
 
 def check_data(

@@ -16,6 +16,10 @@ from cifar_exp.settings import BudgetSettings
 GLOBAL = tuple(GLOBAL_POOLS.values())
 
 
+class OverBudget(UserError):
+    """The network has more parameters, or sees less, than its budget allows."""
+
+
 def count_parameters(model: nn.Module) -> int:
     """Every parameter, frozen ones too (model.whiten's filters are still the network's)."""
     return sum(p.numel() for p in model.parameters())
@@ -73,7 +77,7 @@ def enforce(
     if limits.min_rf is not None and rf < limits.min_rf:
         problems.append(f"receptive field {rf} pixels, under budget.min_rf={limits.min_rf}")
     if problems:
-        raise UserError(
+        raise OverBudget(
             "The network is outside its budget: "
             + "; ".join(problems)
             + ". Change the model, or the limits (budget.max_params=N budget.min_rf=N)."

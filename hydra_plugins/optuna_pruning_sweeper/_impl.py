@@ -11,7 +11,12 @@ max_failure_rate and optimization_results.yaml), and adds:
   to it and ask the pruner; a job that returns `Pruned` is told PRUNED;
 - the heartbeat: while a batch runs, a thread records a heartbeat for each of its trials; a
   search killed mid-trial stops beating, and the next session (before each batch) marks such
-  trials failed (`optuna.storages.fail_stale_trials`).
+  trials failed (`optuna.storages.fail_stale_trials`);
+- the trial check: a function (`trial_check`) given each trial's composed config may refuse it
+  before it is launched (a network over its parameter budget); the study is told PRUNED with
+  the reason in the user attribute `refused`, and another trial takes its place;
+- `params` set to null are dropped, so that a preset built on another can leave out some of
+  its parameters.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import optuna
 from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import DictConfig, OmegaConf
 from optuna.samplers import GridSampler
@@ -36,6 +42,9 @@ from optuna.trial import TrialState
 from hydra_plugins.optuna_pruning_sweeper._job import TRIAL_ENV, Pruned, config_error
 
 log = logging.getLogger(__name__)
+REFUSED = "refused"  # the user attribute of a trial that trial_check refused: why
+# Refusals in a row after which a search stops: its space lies (almost) all outside the check.
+MAX_REFUSALS_IN_A_ROW = 100
 
 
 class PruningSweeperImpl(OptunaSweeperImpl):
@@ -45,12 +54,14 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         pruner: optuna.pruners.BasePruner | None = None,
         heartbeat_interval: int | None = None,
         grace_period: int | None = None,
+        trial_check: str | None = None,
         **config: Any,
     ) -> None:
         super().__init__(**config)
         # NopPruner never prunes: its jobs are run as hydra-optuna-sweeper runs them.
         self.pruner = None if isinstance(pruner, optuna.pruners.NopPruner) else pruner
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+        self.trial_check = get_method(trial_check) if trial_check else None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -58,6 +69,10 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         if error := config_error(config.hydra.sweeper):
             raise ValueError(error)
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.config_loader = hydra_context.config_loader  # composes a trial's config to check
+
+    def _parse_sweeper_params_config(self) -> list[str]:
+        return [f"{k!s}={v}" for k, v in (self.params or {}).items() if v is not None]
 
     def study_storage(self) -> str | optuna.storages.RDBStorage | None:
         """The storage URL, as an RDBStorage that keeps heartbeats when heartbeat_interval is
@@ -105,8 +120,11 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         n_trials_to_go = self.n_trials
         while n_trials_to_go > 0:
             fail_stale_trials(study)
-            trials = [study.ask() for _ in range(min(n_trials_to_go, self.n_jobs))]
-            overrides = self._configure_trials(trials, distributions, fixed)
+            batch = [
+                self.ask_runnable(study, distributions, fixed)
+                for _ in range(min(n_trials_to_go, self.n_jobs))
+            ]
+            trials, overrides = [t for t, _ in batch], [o for _, o in batch]
             if self.pruner is not None:
                 overrides = [
                     (*job, f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}")
@@ -128,6 +146,29 @@ class PruningSweeperImpl(OptunaSweeperImpl):
                     ret.return_value  # noqa: B018 (raises the job's own error, with its traceback)
             n_trials_to_go -= len(trials)
         self.write_results(study, directions)
+
+    def ask_runnable(
+        self, study: optuna.Study, distributions: dict[str, Any], fixed: dict[str, Any]
+    ) -> tuple[optuna.Trial, Sequence[str]]:
+        """A new trial and its overrides, one that trial_check does not refuse: each refused
+        one is told PRUNED, with why in its user attribute `refused`, before it is launched;
+        it does not count in n_trials. ValueError after MAX_REFUSALS_IN_A_ROW in a row."""
+        for _ in range(MAX_REFUSALS_IN_A_ROW):
+            trial = study.ask()
+            (overrides,) = self._configure_trials([trial], distributions, fixed)
+            if self.trial_check is None:
+                return trial, overrides
+            config = self.config_loader.load_sweep_config(self.config, list(overrides))
+            reason = self.trial_check(config)
+            if reason is None:
+                return trial, overrides
+            trial.set_user_attr(REFUSED, reason)
+            study.tell(trial, state=TrialState.PRUNED)
+            log.info(f"Trial {trial.number} refused before training: {reason}")
+        raise ValueError(
+            f"{MAX_REFUSALS_IN_A_ROW} trials in a row were refused by hydra.sweeper.trial_check "
+            f"(the last: {reason}): narrow hydra.sweeper.params, or widen what the check allows"
+        )
 
     def tell(
         self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, n_objectives: int

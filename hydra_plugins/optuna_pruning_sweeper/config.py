@@ -31,7 +31,8 @@ class PruningSweeperConf:
     n_jobs: int = 2  # trials launched at once (a batch: the next starts when all have ended)
     max_failure_rate: float = 0.0  # the share of a batch that may fail before the search stops
     search_space: Optional[dict[str, Any]] = None  # noqa: UP045 (deprecated: use params)
-    params: Optional[dict[str, str]] = None  # noqa: UP045
+    # A parameter set to null is left out (a preset built on another drops one it inherits).
+    params: Optional[dict[str, Any]] = None  # noqa: UP045
     custom_search_space: Optional[str] = None  # noqa: UP045
     # An Optuna pruner: an option of hydra/sweeper/pruner (none, median, successive_halving,
     # hyperband) or {_target_: optuna.pruners.<Pruner>, ...}. none (NopPruner): no pruning,
@@ -42,6 +43,10 @@ class PruningSweeperConf:
     # last heartbeat is older than grace_period (null: 2 * heartbeat_interval).
     heartbeat_interval: Optional[int] = None  # noqa: UP045
     grace_period: Optional[int] = None  # noqa: UP045
+    # A function (its dotted path) given each trial's composed config before it is launched,
+    # returning why the trial cannot run, or None. A refused trial is told PRUNED (the reason
+    # in its user attribute `refused`), does not count in n_trials, and is not a failure.
+    trial_check: Optional[str] = None  # noqa: UP045
 
 
 # The pruners, as plain configs (not typed): a search's YAML may replace the option by any
