@@ -16,12 +16,16 @@ max_failure_rate and optimization_results.yaml), and adds:
   before it is launched (a network over its parameter budget); the study is told PRUNED with
   the reason in the user attribute `refused`, and another trial takes its place;
 - `params` set to null are dropped, so that a preset built on another can leave out some of
-  its parameters.
+  its parameters;
+- one study for searches on several machines (a PostgreSQL database): searches that start
+  together set an empty database up once (`open_database`), and one's heartbeat recorded
+  while another checks for stale trials is not taken for a stale one (`HeartbeatRDBStorage`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import logging
 import math
@@ -31,12 +35,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import optuna
+import sqlalchemy
 from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import DictConfig, OmegaConf
 from optuna.samplers import GridSampler
+from optuna.storages._rdb import models as rdb_models
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 
 from hydra_plugins.optuna_pruning_sweeper._job import TRIAL_ENV, Pruned, config_error
@@ -74,12 +81,12 @@ class PruningSweeperImpl(OptunaSweeperImpl):
     def _parse_sweeper_params_config(self) -> list[str]:
         return [f"{k!s}={v}" for k, v in (self.params or {}).items() if v is not None]
 
-    def study_storage(self) -> str | optuna.storages.RDBStorage | None:
-        """The storage URL, as an RDBStorage that keeps heartbeats when heartbeat_interval is
-        set (a storage that is no database, in memory, has none)."""
-        if self.heartbeat_interval is None or not isinstance(self.storage, str):
+    def study_storage(self) -> optuna.storages.RDBStorage | None:
+        """The storage URL's database (`open_database`), which keeps heartbeats when
+        heartbeat_interval is set; None: in memory."""
+        if not isinstance(self.storage, str):
             return self.storage
-        return optuna.storages.RDBStorage(
+        return open_database(
             self.storage, heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period
         )
 
@@ -207,6 +214,45 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         OmegaConf.save(
             OmegaConf.create(results), f"{self.config.hydra.sweep.dir}/optimization_results.yaml"
         )
+
+
+def open_database(url: str, **options: Any) -> HeartbeatRDBStorage:
+    """The study database at `url`, its tables created if it has none. Searches started at the
+    same moment on an empty database (a job array on several machines) all create them: on
+    PostgreSQL all but the first fail on its rows once it commits, then find them on a retry.
+    """
+    # Optuna sets a database up in three steps (the tables, its version row, Alembic's
+    # revision), each of which another search may win.
+    for _ in range(3):
+        try:
+            return HeartbeatRDBStorage(url, **options)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            log.info("Another search was setting the study's database up: opening it again")
+    return HeartbeatRDBStorage(url, **options)
+
+
+class HeartbeatRDBStorage(optuna.storages.RDBStorage):
+    """Optuna 2.10's RDBStorage, with its test for stale trials corrected. Optuna's reads the
+    database's time, then the running trials' heartbeats, and compares `.seconds` of the
+    difference with the grace period: a heartbeat that another search records in between
+    (PostgreSQL's now() is the time the transaction began) makes the difference negative, its
+    `.seconds` nearly a day, and that search's live trial was failed. This one compares the
+    difference itself."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        grace_period = datetime.timedelta(seconds=self.grace_period or 2 * self.heartbeat_interval)
+        with _create_scoped_session(self.scoped_session, True) as session:
+            now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+            heartbeats = (
+                session.query(
+                    rdb_models.TrialModel.trial_id, rdb_models.TrialHeartbeatModel.heartbeat
+                )
+                .join(rdb_models.TrialHeartbeatModel)
+                .filter(rdb_models.TrialModel.study_id == study_id)
+                .filter(rdb_models.TrialModel.state == TrialState.RUNNING)
+                .all()
+            )
+        return [trial_id for trial_id, heartbeat in heartbeats if now - heartbeat > grace_period]
 
 
 def trial_values(value: Any, n_objectives: int) -> list[float]:

@@ -52,10 +52,15 @@ def job_trial() -> optuna.trial.Trial | None:
     if number is None:
         return None
     import optuna  # the search extra: only a pruning sweeper sets TRIAL_ENV
+    from sqlalchemy.pool import NullPool
 
     sweeper = HydraConfig.get().sweeper
+    # A connection per query, closed after it: a pool would keep its connections open after
+    # the job, until Python's garbage collector finds the storage (a reference cycle), and a
+    # long search's jobs would fill the server's max_connections (PostgreSQL: 100).
+    storage = optuna.storages.RDBStorage(sweeper.storage, engine_kwargs={"poolclass": NullPool})
     study = optuna.load_study(
-        study_name=sweeper.study_name, storage=sweeper.storage, pruner=instantiate(sweeper.pruner)
+        study_name=sweeper.study_name, storage=storage, pruner=instantiate(sweeper.pruner)
     )
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(number))
     return optuna.trial.Trial(study, trial_id)
