@@ -3,6 +3,7 @@ second session continues; its pruner stops the trials that are behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from conftest import (
     wandb_records,
 )
 from hydra import compose, initialize_config_module
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
@@ -385,10 +387,65 @@ def test_a_preset_built_on_another_drops_its_parameters_set_to_null():
     parameters but the one it redefines (optimizer.lr): the sweeper reads null as left out."""
     with initialize_config_module(CONF_MODULE, version_base="1.3"):
         cfg = compose("train", ["hparams_search=s9_fast"], return_hydra_config=True)
-    sweeper = PruningSweeperImpl(**OmegaConf.to_container(cfg.hydra.sweeper, resolve=False))
-    arguments = sweeper._parse_sweeper_params_config()
+    arguments = instantiate(cfg.hydra.sweeper).sweeper._parse_sweeper_params_config()
     names = [a.partition("=")[0] for a in arguments]
     assert "optimizer.lr" in names and "optimizer.filters.lr" in names
     assert not {"optimizer.weight_decay", "model.dropout", "scheduler"} & set(names)
     assert cfg.hydra.sweeper.params["scheduler"] is None  # inherited, then dropped
     assert cfg.trainer.label_smoothing == 0.2 and cfg.optimizer.filters.lr == 0.05  # s9_fast's
+
+
+@pytest.mark.slow
+def test_a_search_whose_every_trial_fails_ends_with_the_failures_not_a_traceback(tmp_path):
+    """Every trial refuses its batch size at its own config check: each is recorded failed,
+    and with no finished trial there is no best one to write (no Optuna error)."""
+    group = tmp_path / "conf" / "hparams_search"
+    group.mkdir(parents=True)
+    (group / "failing.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - optuna\n"
+        "hydra:\n  sweeper:\n    params:\n      data.batch_size: choice(-1, -2)\n"
+    )
+    out = tmp_path / "out"
+    proc = run_cli(
+        "train", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "hparams_search=failing",
+        "data.limit_train=300", "data.val_size=50", "hydra.sweeper.n_trials=2",
+        f"output_root={out}", check=False,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    study, _ = trials_of(out / "optuna" / "cifar_exp")
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2, output
+    assert "No trial of the study has finished: no best trial to write" in output
+    assert "Traceback" not in output and "Record does not exist" not in output
+    assert "2 job(s) of the sweep failed" in output and proc.returncode == 1
+    assert not (out / "optuna" / "cifar_exp" / "optimization_results.yaml").exists()
+
+
+def test_a_trial_another_search_marked_failed_keeps_that_state(tmp_path):
+    """A machine that paused past the grace period: another session marked its running trial
+    failed. When its job returns, the sweeper says so and leaves the trial failed."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+    trial = study.ask()
+    study._storage.set_trial_state(trial._trial_id, TrialState.FAIL)
+    sweeper = PruningSweeperImpl(
+        sampler=None, direction="maximize", storage=None, study_name=None, n_trials=1,
+        n_jobs=1, max_failure_rate=0.0, search_space=None, custom_search_space=None,
+        params=None,
+    )  # fmt: skip
+    job = JobReturn(_return_value=0.5, status=JobStatus.COMPLETED)
+    assert sweeper.tell(study, trial, job, n_objectives=1) is None
+    assert study.trials[0].state == TrialState.FAIL and study.trials[0].value is None
+
+
+def test_a_postgresql_study_without_its_driver_is_refused_naming_the_extra(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "psycopg2" else real_find_spec(name, *a),
+    )
+    sweeper = OmegaConf.create({"storage": "postgresql://search@db/studies"})
+    assert config_error(sweeper) == (
+        "hydra.sweeper.storage=postgresql://... needs PostgreSQL's driver, psycopg2: "
+        "pip install 'cifar-exp[search]' (make install installs every extra)"
+    )
+    assert config_error(OmegaConf.create({"storage": "sqlite:///optuna.db"})) is None

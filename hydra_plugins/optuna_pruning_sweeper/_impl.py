@@ -181,7 +181,16 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, n_objectives: int
     ) -> Exception | None:
         """Tell the study how the trial's job ended: COMPLETE with its value(s), PRUNED if it
-        returned `Pruned`, or FAIL (returned as the error) if it raised or returned no value."""
+        returned `Pruned`, or FAIL (returned as the error) if it raised or returned no value.
+        A trial that another session has meanwhile marked failed (its heartbeat was late by
+        more than the grace period) keeps that state."""
+        if (state := study._storage.get_trial(trial._trial_id).state).is_finished():
+            log.warning(
+                f"Trial {trial.number} was marked {state.name} by another search while it ran "
+                "(no heartbeat for longer than hydra.sweeper.grace_period): its result is not "
+                "recorded in the study; its run folder keeps it"
+            )
+            return None
         try:
             value = ret.return_value  # raises the job's error
             if isinstance(value, Pruned):
@@ -200,6 +209,9 @@ class PruningSweeperImpl(OptunaSweeperImpl):
 
     def write_results(self, study: optuna.Study, directions: list[str]) -> None:
         """optimization_results.yaml: the best trial (one objective) or the Pareto front."""
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            log.warning("No trial of the study has finished: no best trial to write")
+            return
         if len(directions) < 2:
             best = study.best_trial
             results = {"name": "optuna", "best_params": best.params, "best_value": best.value}

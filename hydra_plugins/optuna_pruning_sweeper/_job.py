@@ -4,6 +4,7 @@ executes every other module of a plugin package again, keeps `Pruned` one class.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,16 +23,22 @@ TRIAL_ENV = "HYDRA_OPTUNA_TRIAL"
 
 
 def config_error(sweeper: DictConfig) -> str | None:
-    """Why this sweeper config cannot prune, in one line naming the key and the fix; None if
-    it can, or does not prune. The jobs reopen their trials from the storage: it must be a
-    database, not the sweeper's memory."""
-    pruner = sweeper.get("pruner")
+    """Why this sweeper config cannot run, in one line naming the key and the fix; None if it
+    can. A pruned search's jobs reopen their trials from the storage: it must be a database,
+    not the sweeper's memory; a PostgreSQL database needs its driver (the search extra)."""
+    pruner, storage = sweeper.get("pruner"), sweeper.get("storage")
     prunes = pruner is not None and pruner.get("_target_") != "optuna.pruners.NopPruner"
-    if prunes and not isinstance(sweeper.get("storage"), str):
+    if prunes and not isinstance(storage, str):
         return (
             f"hydra.sweeper.pruner needs a storage that the jobs can open, not "
-            f"hydra.sweeper.storage={sweeper.get('storage')}: set it to a database URL "
+            f"hydra.sweeper.storage={storage}: set it to a database URL "
             "(sqlite:///<file>, postgresql://...), or hydra/sweeper/pruner=none"
+        )
+    postgres = isinstance(storage, str) and storage.startswith("postgresql")
+    if postgres and importlib.util.find_spec("psycopg2") is None:
+        return (
+            "hydra.sweeper.storage=postgresql://... needs PostgreSQL's driver, psycopg2: "
+            "pip install 'cifar-exp[search]' (make install installs every extra)"
         )
     return None
 
