@@ -153,6 +153,7 @@ def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
     ("arg", "module", "extra"),
     [
         ("hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "search"),
+        ("hparams_search=small_net", "hydra_plugins.hydra_optuna_sweeper", "search"),
         ("hydra/sweeper=optuna_pruning", "hydra_plugins.hydra_optuna_sweeper", "search"),
         ("hydra/launcher=joblib", "hydra_plugins.hydra_joblib_launcher", "cluster"),
         ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "cluster"),

@@ -36,8 +36,9 @@ log = logging.getLogger("cifar_exp")
 # config, which would otherwise stop on a config group it cannot find.
 SEARCH = ("search", "hydra_plugins.hydra_optuna_sweeper")
 CLUSTER_SUBMITIT = ("cluster", "hydra_plugins.hydra_submitit_launcher")
+# Keyed by the choice, or by the group when each of its options needs the extra.
 EXTRAS = {
-    "hparams_search=optuna": SEARCH,
+    "hparams_search": SEARCH,
     "hydra/sweeper=optuna": SEARCH,
     "hydra/sweeper=optuna_pruning": SEARCH,
     "hydra/launcher=joblib": ("cluster", "hydra_plugins.hydra_joblib_launcher"),
@@ -51,8 +52,9 @@ def require_extras(args: list[str]) -> None:
     """A UserError naming the extra to install for a choice on the command line that needs
     one it lacks."""
     for arg in args:
-        if arg in EXTRAS:
-            extra, module = EXTRAS[arg]
+        needs = EXTRAS.get(arg) or EXTRAS.get(arg.partition("=")[0])
+        if needs:
+            extra, module = needs
             require(module, extra, arg)
 
 
