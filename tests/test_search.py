@@ -244,30 +244,38 @@ def test_without_a_pruner_every_trial_trains_to_its_end(cifar_root, cache_dir, t
     assert "Pruner: None" in proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
-def test_a_search_killed_mid_trial_leaves_it_failed_when_run_again(cifar_root, cache_dir, tmp_path):
-    """SIGKILL to the whole search while its first trial trains: the trial stays RUNNING in
-    the study. The same command, run again after the grace period, marks it failed (its
-    heartbeat stopped) and runs its own trials to the end."""
-    out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "cifar_exp.train", "hparams_search=optuna",
-        *data_overrides(cifar_root, cache_dir, train=200, test=100), "data.val_size=50",
-        "trainer.epochs=2", "logger=none", "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2",
-        f"output_root={out}",
-    ]  # fmt: skip
-    folder = out / "optuna" / "cifar_exp"
+def kill_mid_trial(command: list[str], folder: Path, trial: int) -> None:
+    """Start the search and SIGKILL it, every process, once trial `trial`'s run has started."""
     search = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: the kill reaches every process
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not list(folder.glob("*/results.json")):  # the trial's run has started
+    while len(list(folder.glob("*/results.json"))) <= trial:
         assert search.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(search.pid, signal.SIGKILL)
     search.wait(timeout=60)
+
+
+def killable_search(cifar_root, cache_dir, out: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable, "-m", "cifar_exp.train", "hparams_search=optuna",
+        *data_overrides(cifar_root, cache_dir, train=200, test=100), "data.val_size=50",
+        "trainer.epochs=2", "logger=none", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2",
+        f"output_root={out}", *overrides,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_leaves_it_failed_when_run_again(cifar_root, cache_dir, tmp_path):
+    """SIGKILL to the whole search while its first trial trains: the trial stays RUNNING in
+    the study. The same command, run again after the grace period, marks it failed (its
+    heartbeat stopped) and runs its own trials to the end."""
+    command = killable_search(cifar_root, cache_dir, tmp_path / "out")
+    folder = tmp_path / "out" / "optuna" / "cifar_exp"
+    kill_mid_trial(command, folder, trial=0)
     study, _ = trials_of(folder)
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
 
@@ -282,6 +290,31 @@ def test_a_search_killed_mid_trial_leaves_it_failed_when_run_again(cifar_root, c
     assert "Trial(s) [0] were left running by a search that stopped" in output
     best = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert best["best_value"] == study.best_value
+
+
+@pytest.mark.slow
+def test_a_search_of_n_trials_in_the_study_killed_goes_on_to_that_number(
+    cifar_root, cache_dir, tmp_path
+):
+    """hydra.sweeper.trials_per=study: killed while its second trial trains, the search run
+    again fails that trial and runs one more, so the study holds the 2 trials asked for; a
+    third session finds them and trains nothing."""
+    command = killable_search(
+        cifar_root, cache_dir, tmp_path / "out", "hydra.sweeper.trials_per=study"
+    )
+    folder = tmp_path / "out" / "optuna" / "cifar_exp"
+    kill_mid_trial(command, folder, trial=1)
+    time.sleep(3)  # past the grace period
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "The study has 1 of its n_trials=2 trials" in again.stdout + again.stderr
+    study, runs = trials_of(folder)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert not any(t.state == TrialState.RUNNING for t in study.trials)
+    third = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert "The study has 2 of its n_trials=2 trials" in third.stdout + third.stderr
+    assert len(trials_of(folder)[0].trials) == 3 and third.returncode == 0
 
 
 def test_a_pruned_search_needs_a_database_that_the_jobs_can_open():

@@ -62,6 +62,7 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         heartbeat_interval: int | None = None,
         grace_period: int | None = None,
         trial_check: str | None = None,
+        trials_per: str = "session",
         **config: Any,
     ) -> None:
         super().__init__(**config)
@@ -69,6 +70,7 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         self.pruner = None if isinstance(pruner, optuna.pruners.NopPruner) else pruner
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.trial_check = get_method(trial_check) if trial_check else None
+        self.trials_per = trials_per
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -125,6 +127,11 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         log.info(f"Pruner: {type(self.pruner).__name__ if self.pruner else None}")
         log.info(f"Directions: {directions}")
         n_trials_to_go = self.n_trials
+        if self.trials_per == "study":
+            fail_stale_trials(study)
+            ended = len(ended_trials(study))
+            n_trials_to_go -= ended
+            log.info(f"The study has {ended} of its n_trials={self.n_trials} trials")
         while n_trials_to_go > 0:
             fail_stale_trials(study)
             batch = [
@@ -277,6 +284,16 @@ def trial_values(value: Any, n_objectives: int) -> list[float]:
     if len(values) != n_objectives:
         raise ValueError(f"Expected {n_objectives} values, got {len(values)}: {value}")
     return values
+
+
+def ended_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials that count towards a study's n_trials (trials_per: study): those that
+    ended COMPLETE or PRUNED by the pruner; not the failed ones (a killed search's trial), nor
+    those that trial_check refused."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED)
+    return [
+        t for t in study.get_trials(deepcopy=False, states=states) if REFUSED not in t.user_attrs
+    ]
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

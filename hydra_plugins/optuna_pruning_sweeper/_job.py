@@ -26,6 +26,11 @@ def config_error(sweeper: DictConfig) -> str | None:
     """Why this sweeper config cannot run, in one line naming the key and the fix; None if it
     can. A pruned search's jobs reopen their trials from the storage: it must be a database,
     not the sweeper's memory; a PostgreSQL database needs its driver (the search extra)."""
+    if sweeper.get("trials_per", "session") not in ("session", "study"):
+        return (
+            f"hydra.sweeper.trials_per={sweeper.trials_per} is not an option: session (n_trials "
+            "a session runs) or study (n_trials the study holds)"
+        )
     pruner, storage = sweeper.get("pruner"), sweeper.get("storage")
     prunes = pruner is not None and pruner.get("_target_") != "optuna.pruners.NopPruner"
     if prunes and not isinstance(storage, str):

@@ -27,7 +27,12 @@ class PruningSweeperConf:
     direction: Any = "minimize"  # or maximize, or a list of them (several objectives)
     storage: Any = None  # a database URL (sqlite:///<file>, postgresql://...); null: in memory
     study_name: Optional[str] = None  # noqa: UP045 (OmegaConf 2.3 reads typing's Optional)
-    n_trials: int = 20  # trials per session
+    n_trials: int = 20  # trials per session, or in the study (trials_per)
+    # What n_trials counts: this session's trials (session: hydra-optuna-sweeper's meaning, a
+    # continued study adds n_trials more) or the study's (study: a session runs until the study
+    # holds n_trials that completed or were pruned, so a search that was killed, run again,
+    # goes on to the number asked for; failed and refused trials do not count).
+    trials_per: str = "session"
     n_jobs: int = 2  # trials launched at once (a batch: the next starts when all have ended)
     max_failure_rate: float = 0.0  # the share of a batch that may fail before the search stops
     search_space: Optional[dict[str, Any]] = None  # noqa: UP045 (deprecated: use params)
