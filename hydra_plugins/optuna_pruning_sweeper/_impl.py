@@ -169,11 +169,15 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         it does not count in n_trials. ValueError after MAX_REFUSALS_IN_A_ROW in a row."""
         for _ in range(MAX_REFUSALS_IN_A_ROW):
             trial = study.ask()
-            (overrides,) = self._configure_trials([trial], distributions, fixed)
-            if self.trial_check is None:
-                return trial, overrides
-            config = self.config_loader.load_sweep_config(self.config, list(overrides))
-            reason = self.trial_check(config)
+            try:
+                (overrides,) = self._configure_trials([trial], distributions, fixed)
+                if self.trial_check is None:
+                    return trial, overrides
+                config = self.config_loader.load_sweep_config(self.config, list(overrides))
+                reason = self.trial_check(config)
+            except BaseException:  # not left running in the study
+                study.tell(trial, state=TrialState.FAIL)
+                raise
             if reason is None:
                 return trial, overrides
             trial.set_user_attr(REFUSED, reason)
