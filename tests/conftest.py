@@ -4,6 +4,7 @@ a missing copy is a failure; elsewhere those tests are skipped with the reason."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -65,6 +66,16 @@ def cifar_root() -> Path:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One decode cache for the whole session, so each subset is decoded once."""
     return tmp_path_factory.mktemp("decode-cache")
+
+
+def hide_module(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    """Make `module` look not installed to importlib.util.find_spec (a missing extra)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == module else find_spec(name, *a),
+    )
 
 
 def compose_train(*overrides: str) -> DictConfig:

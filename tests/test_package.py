@@ -5,7 +5,6 @@ missing extra names it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_train, data_overrides
+from conftest import REPO, compose_train, data_overrides, hide_module
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -160,10 +159,7 @@ def test_the_wheel_installs_with_the_constraints_and_trains_from_another_folder(
     ],
 )
 def test_a_missing_extra_is_named_before_hydra_starts(monkeypatch, arg, module, extra):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a)
-    )
+    hide_module(monkeypatch, module)
     jobs.require_extras(["trainer.epochs=3"])  # nothing to ask for
     with pytest.raises(UserError) as err:
         jobs.require_extras(["-m", arg])
@@ -174,12 +170,7 @@ def test_a_missing_extra_is_named_before_hydra_starts(monkeypatch, arg, module, 
 
 
 def test_tensorboard_missing_is_named_before_any_work(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "tensorboard" else real(name, *a),
-    )
+    hide_module(monkeypatch, "tensorboard")
     with pytest.raises(
         UserError, match=r"needs the tensorboard extra: pip install 'cifar-exp\[tensorboard\]'"
     ):

@@ -3,7 +3,6 @@ second session continues; its pruner stops the trials that are behind."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from conftest import (
     REPO,
     compose_train,
     data_overrides,
+    hide_module,
     read_metrics,
     run_cli,
     wandb_records,
@@ -105,19 +105,19 @@ def test_a_diverging_trial_is_recorded_failed_and_the_search_goes_on(
     """A search space whose second trial (TPE's random start, seed 0) diverges in epoch 2
     (the learning rate times 1e30 after epoch 1): it is marked failed, the third trial runs,
     and the best trial is written as usual."""
-    group = tmp_path / "conf" / "hparams_search"
-    group.mkdir(parents=True)
-    (group / "diverging.yaml").write_text(
+    preset = search_preset(
+        tmp_path,
+        "diverging",
         "# @package _global_\n"
         "defaults:\n  - optuna\n"
         "hydra:\n  sweeper:\n    sampler:\n      seed: 0\n    params:\n"
         "      optimizer.lr: 0.05\n      optimizer.weight_decay: 0.0005\n"
         "      model.dropout: 0.0\n      data.batch_size: 25\n      scheduler: step\n"
-        "      scheduler.lr_scheduler.gamma: choice(1e30, 0.5)\n"
+        "      scheduler.lr_scheduler.gamma: choice(1e30, 0.5)\n",
     )
     out = tmp_path / "out"
     proc = run_cli(
-        "train", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "hparams_search=diverging",
+        "train", *preset,
         *data_overrides(cifar_root, cache_dir, train=200, test=100), "data.val_size=50",
         "trainer.epochs=2", "scheduler.lr_scheduler.step_size=1", "logger=none",
         "hydra.sweeper.n_trials=3", f"output_root={out}", check=False,
@@ -156,6 +156,14 @@ def test_a_validation_split_larger_than_the_data_stops_the_search_before_its_fir
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("train.log"))
 
 
+def search_preset(tmp_path: Path, name: str, text: str) -> list[str]:
+    """The overrides that choose hparams_search=<name>, a preset written with this YAML."""
+    group = tmp_path / "conf" / "hparams_search"
+    group.mkdir(parents=True)
+    (group / f"{name}.yaml").write_text(text)
+    return [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hparams_search={name}"]
+
+
 def trials_of(folder):
     """The study of a search folder, and its trial folders by trial number (the number the
     sweeper gave the job, else the job's place in the session)."""
@@ -168,18 +176,18 @@ def prunable_search(tmp_path, cifar_root, cache_dir, *overrides):
     """A search of 3 trials of 3 epochs on 300 images (100 held out, batches of 16) over
     optimizer.lr alone, where TPE's random start (seed 0) draws 1e-6, 0.05, 1e-6: the tiny
     rate stays at chance (val_acc 0.10 every epoch), 0.05 is past it after epoch 1 (0.16)."""
-    group = tmp_path / "conf" / "hparams_search"
-    group.mkdir(parents=True)
-    (group / "prunable.yaml").write_text(
+    preset = search_preset(
+        tmp_path,
+        "prunable",
         "# @package _global_\n"
         "defaults:\n  - optuna\n"
         "hydra:\n  sweeper:\n    sampler:\n      seed: 0\n    params:\n"
         "      optimizer.lr: choice(0.05, 1e-6)\n      optimizer.weight_decay: 0.0005\n"
-        "      model.dropout: 0.0\n      data.batch_size: 16\n      scheduler: step\n"
+        "      model.dropout: 0.0\n      data.batch_size: 16\n      scheduler: step\n",
     )
     out = tmp_path / "out"
     proc = run_cli(
-        "train", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "hparams_search=prunable",
+        "train", *preset,
         *data_overrides(cifar_root, cache_dir, train=300, test=100), "data.val_size=100",
         "trainer.epochs=3", "hydra.sweeper.n_trials=3", f"output_root={out}", *overrides,
     )  # fmt: skip
@@ -432,15 +440,15 @@ def test_a_preset_built_on_another_drops_its_parameters_set_to_null():
 def test_a_search_whose_every_trial_fails_ends_with_the_failures_not_a_traceback(tmp_path):
     """Every trial refuses its batch size at its own config check: each is recorded failed,
     and with no finished trial there is no best one to write (no Optuna error)."""
-    group = tmp_path / "conf" / "hparams_search"
-    group.mkdir(parents=True)
-    (group / "failing.yaml").write_text(
+    preset = search_preset(
+        tmp_path,
+        "failing",
         "# @package _global_\ndefaults:\n  - optuna\n"
-        "hydra:\n  sweeper:\n    params:\n      data.batch_size: choice(-1, -2)\n"
+        "hydra:\n  sweeper:\n    params:\n      data.batch_size: choice(-1, -2)\n",
     )
     out = tmp_path / "out"
     proc = run_cli(
-        "train", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "hparams_search=failing",
+        "train", *preset,
         "data.limit_train=300", "data.val_size=50", "hydra.sweeper.n_trials=2",
         f"output_root={out}", check=False,
     )  # fmt: skip
@@ -470,12 +478,7 @@ def test_a_trial_another_search_marked_failed_keeps_that_state(tmp_path):
 
 
 def test_a_postgresql_study_without_its_driver_is_refused_naming_the_extra(monkeypatch):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "psycopg2" else real_find_spec(name, *a),
-    )
+    hide_module(monkeypatch, "psycopg2")
     sweeper = OmegaConf.create({"storage": "postgresql://search@db/studies"})
     assert config_error(sweeper) == (
         "hydra.sweeper.storage=postgresql://... needs PostgreSQL's driver, psycopg2: "
