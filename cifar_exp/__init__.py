@@ -5,7 +5,7 @@ contracts in pyproject.toml, checked by `make lint`):
 
     train, evaluate, report, bench, gpucheck   the commands (report, bench and gpucheck are
                                                 cifar_exp.tools' under the names users type)
-    tools/       report, aggregate, bench, gpucheck
+    tools/       report, aggregate, search (a search's study in the report), bench, gpucheck
     track/       the run record, plots, per-class views, and the one module that talks to W&B
     engine/      building a run, the training loop, inference, device and precision,
                  optimizers, checkpoints, resume, signals, run folders, Hydra jobs

@@ -5,6 +5,7 @@ a missing copy is a failure; elsewhere those tests are skipped with the reason."
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -134,6 +135,14 @@ def seed_sweep(cifar_root, cache_dir, tmp_path_factory) -> Path:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def section_rows(report_md: str, heading: str) -> list[list[str]]:
+    """The data rows of the first markdown table after `heading` (cifar-report's report.md)."""
+    after = report_md.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(after) if line.startswith("|---"))
+    rows = itertools.takewhile(lambda line: line.startswith("|"), after[start + 1 :])
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in rows]
 
 
 def wandb_records(run_dir: Path) -> list[dict]:

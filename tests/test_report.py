@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import shutil
@@ -12,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, data_overrides, read_metrics, run_cli, wandb_records
+from conftest import REPO, data_overrides, read_metrics, run_cli, section_rows, wandb_records
 from scipy import stats
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -127,14 +126,6 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
     assert f"No finished run in {tmp_path / 'empty'}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "empty" / "report.md").exists()
-
-
-def section_rows(report_md: str, heading: str) -> list[list[str]]:
-    """The data rows of the first table after `heading`."""
-    after = report_md.split(heading, 1)[1].splitlines()
-    start = next(i for i, line in enumerate(after) if line.startswith("|---"))
-    rows = itertools.takewhile(lambda line: line.startswith("|"), after[start + 1 :])
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in rows]
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from conftest import (
     hide_module,
     read_metrics,
     run_cli,
+    section_rows,
     wandb_records,
 )
 from hydra import compose, initialize_config_module
@@ -86,6 +87,35 @@ def test_best_trial_is_printed_and_written_to_the_sweep_folder(study_dir):
     }  # fmt: skip
     assert f"Best value: {study.best_value}" in logs[1].stderr + logs[1].stdout
     assert not math.isnan(study.best_value)
+
+
+def test_the_report_of_the_search_folder_shows_its_study(study_dir):
+    """cifar-report on the sweep folder of the two sessions: the Search section reads the
+    study (4 trials of one epoch, none pruned) beside the runs' comparison."""
+    folder, _ = study_dir
+    run_cli("report", str(folder), "--images", "0")
+    text = (folder / "report.md").read_text()
+    study = optuna.load_study(study_name="cifar_exp", storage=f"sqlite:///{folder}/optuna.db")
+    best = study.best_trial
+    assert (
+        "Study `cifar_exp` (`optuna.db`), maximize val_acc: 4 trials: 4 complete, 0 pruned, "
+        f"0 refused, 0 failed, 0 running. Best: trial {best.number}, val_acc {best.value:.4g}, "
+    ) in text
+    rows = section_rows(text, "| trial | state |")
+    assert [row[:5] for row in rows] == [
+        [str(t.number), "complete", f"{t.value:.4g}", "–", "1"] for t in study.trials
+    ]
+    assert "Epochs trained: 4 by the 4 trial(s) with a run folder; 4 unpruned" in text
+    assert (folder / "search_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if len({t.value for t in study.trials}) == 1:  # one epoch on 200 images: often all at chance
+        assert (
+            "Parameter importance is not shown: every completed trial has the same value." in text
+        )
+        return
+    importance = section_rows(text, "| parameter | importance |")
+    assert {name for name, _ in importance} == set(best.params)
+    assert sum(float(value) for _, value in importance) == pytest.approx(1, abs=0.003)
+    assert (folder / "search_importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_search_optimises_the_validation_accuracy():

@@ -1,2 +1,3 @@
-"""Commands over runs and machines: comparing runs (`report`, with `aggregate`'s statistics),
-training throughput (`bench`) and the GPU check (`gpucheck`)."""
+"""Commands over runs and machines: comparing runs (`report`, with `aggregate`'s statistics and
+`search`'s section on a search's study), training throughput (`bench`) and the GPU check
+(`gpucheck`)."""

@@ -6,6 +6,8 @@ Reads every run's results.json, metrics.jsonl and .hydra/ config (a run folder i
               best and final test accuracy, epochs, mean epoch time; then one row per
               configuration id (runs differing only in seed pooled: n, mean ± std, range,
               95% CI) and Welch's t-test for each pair of configurations; then the figures;
+              and for a folder that is a search's (hparams_search=optuna), a Search section
+              on its study (tools.search), with its pictures search_*.png;
   report.png  test accuracy and test loss per epoch, the mean of each configuration's runs
               with a ±1 std band, on shared axes;
 and into each run folder misclassified.png, test images its best checkpoint gets wrong.
@@ -38,6 +40,7 @@ from cifar_exp.engine.compute import device_problem
 from cifar_exp.errors import UserError, exit_on_user_error
 from cifar_exp.settings import DataSettings, checked
 from cifar_exp.tools import aggregate
+from cifar_exp.tools.search import SearchFolder
 from cifar_exp.track import plots
 from cifar_exp.track.per_class import ClassView
 from cifar_exp.track.record import (
@@ -272,7 +275,7 @@ def draw_misclassified(run: Run, images: int, eval_images: int, device: str) -> 
     )
 
 
-def markdown(comparison: Comparison, rows: list[dict], out: Path) -> str:
+def markdown(comparison: Comparison, rows: list[dict], out: Path, searches: list[str]) -> str:
     def link(path: Path) -> str:
         return Path(os.path.relpath(path, out)).as_posix()
 
@@ -295,7 +298,7 @@ def markdown(comparison: Comparison, rows: list[dict], out: Path) -> str:
             f"| {row['mean_epoch_seconds']:.1f} |"
         )
     lines += ["", *by_configuration(comparison), *left_out_section(comparison.left_out)]
-    lines += ["", "![test accuracy and loss per epoch](report.png)", ""]
+    lines += ["", "![test accuracy and loss per epoch](report.png)", *searches, ""]
     for i, run in enumerate(comparison.runs):
         if run.grid:
             lines += [f"## {i}: {run.label}", "", f"![misclassified]({link(run.grid)})", ""]
@@ -411,7 +414,13 @@ def report(args: argparse.Namespace) -> Path:
         },
         out / "report.png",
     )
-    files.write_atomically(out / "report.md", markdown(comparison, rows, out) + "\n")
+    searches = [place for folder in folders if (place := SearchFolder.of(folder)) is not None]
+    search_lines = [
+        line
+        for i, place in enumerate(searches)
+        for line in place.section(out, "search" if len(searches) == 1 else f"search{i + 1}")
+    ]
+    files.write_atomically(out / "report.md", markdown(comparison, rows, out, search_lines) + "\n")
     if args.wandb != "off":
         log_comparison(rows, curves, out, args.wandb, args.project)
     return out

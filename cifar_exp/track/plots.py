@@ -100,3 +100,57 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], title: str, pa
                 color="white" if count > dark else "black")  # fmt: skip
     fig.tight_layout()
     return save(fig, path)
+
+
+def plot_search_history(
+    curves: dict[int, dict[int, float]],
+    complete: dict[int, float],
+    pruned: set[int],
+    maximize: bool,
+    metric: str,
+    path: Path,
+) -> Path:
+    """A search's trials side by side: each trial's value by trial number (a pruned trial at
+    the last value it reported, marked apart) with the best so far of the completed ones as a
+    line; and each trial's reported values by epoch, its number at the end, the pruned ones
+    dashed up to where they stopped. `curves`: the values each trial reported, by epoch;
+    `complete`: the completed trials' values."""
+    fig, (ax_history, ax_epochs) = plt.subplots(1, 2, figsize=(12, 4.5))
+    numbers = sorted(complete)
+    best = np.maximum.accumulate if maximize else np.minimum.accumulate
+    ax_history.scatter(numbers, [complete[n] for n in numbers], label="complete", zorder=3)
+    ax_history.step(numbers, best([complete[n] for n in numbers]), where="post",
+                    color="tab:green", label="best so far")  # fmt: skip
+    stopped = sorted(n for n in pruned if n in curves)
+    last_values = [curves[n][max(curves[n])] for n in stopped]
+    ax_history.scatter(stopped, last_values, marker="x", color="tab:red", zorder=3,
+                       label="pruned (last reported value)")  # fmt: skip
+    for number, reported in sorted(curves.items()):
+        epochs = sorted(reported)
+        ax_epochs.plot(epochs, [reported[e] for e in epochs], alpha=0.7,
+                       linestyle="--" if number in pruned else "-", marker=".")  # fmt: skip
+        if number in pruned:
+            ax_epochs.plot(epochs[-1], reported[epochs[-1]], marker="x", color="tab:red")
+        ax_epochs.annotate(f" {number}", (epochs[-1], reported[epochs[-1]]), fontsize=8)
+    ax_history.set(title="Trials", xlabel="trial", ylabel=metric)
+    ax_epochs.set(title="Reported after each epoch, by trial (dashed, x: pruned)", xlabel="epoch",
+                  ylabel=f"{metric} (best so far)")  # fmt: skip
+    for ax in (ax_history, ax_epochs):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_history.legend(fontsize="small")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_importance(importances: dict[str, float], metric: str, path: Path) -> Path:
+    """Each parameter's importance for `metric` as a bar, the most important on top."""
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.4 * len(names)))
+    ax.barh(names, [importances[name] for name in names])
+    for y, name in enumerate(names):
+        ax.text(importances[name], y, f" {importances[name]:.3f}", va="center", fontsize=9)
+    ax.set(title="Parameter importance", xlabel=f"importance for {metric}", xlim=(0, 1.1))
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return save(fig, path)

@@ -12,6 +12,12 @@ sweeper here, in the `hydra_plugins` namespace; this module stays light (no Optu
 project's jobs import it whether or not the search extra is installed.
 """
 
-from hydra_plugins.optuna_pruning_sweeper._job import TRIAL_ENV, Pruned, config_error, job_trial
+from hydra_plugins.optuna_pruning_sweeper._job import (
+    REFUSED,
+    TRIAL_ENV,
+    Pruned,
+    config_error,
+    job_trial,
+)
 
-__all__ = ["TRIAL_ENV", "Pruned", "config_error", "job_trial"]
+__all__ = ["REFUSED", "TRIAL_ENV", "Pruned", "config_error", "job_trial"]

@@ -46,10 +46,9 @@ from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 
-from hydra_plugins.optuna_pruning_sweeper._job import TRIAL_ENV, Pruned, config_error
+from hydra_plugins.optuna_pruning_sweeper._job import REFUSED, TRIAL_ENV, Pruned, config_error
 
 log = logging.getLogger(__name__)
-REFUSED = "refused"  # the user attribute of a trial that trial_check refused: why
 # Refusals in a row after which a search stops: its space lies (almost) all outside the check.
 MAX_REFUSALS_IN_A_ROW = 100
 

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 # override of its own for every job, which any launcher (basic, joblib, submitit) applies in the
 # process that runs the job, and which stays out of the job's task overrides and folder name.
 TRIAL_ENV = "HYDRA_OPTUNA_TRIAL"
+# The user attribute of a trial that the sweeper's trial_check refused before launching it: why
+# (the trial is told PRUNED). Here, not in _impl, so that readers of a study need no Optuna import.
+REFUSED = "refused"
 
 
 def config_error(sweeper: DictConfig) -> str | None:
