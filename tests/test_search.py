@@ -35,7 +35,11 @@ from optuna.trial import TrialState
 from cifar_exp.engine import preflight
 from cifar_exp.model.budget import count_parameters
 from hydra_plugins.optuna_pruning_sweeper import config_error
-from hydra_plugins.optuna_pruning_sweeper._impl import MAX_REFUSALS_IN_A_ROW, PruningSweeperImpl
+from hydra_plugins.optuna_pruning_sweeper._impl import (
+    MAX_REFUSALS_IN_A_ROW,
+    PruningSweeperImpl,
+    fail_stale_trials,
+)
 
 
 @pytest.fixture(scope="module")
@@ -515,3 +519,23 @@ def test_a_postgresql_study_without_its_driver_is_refused_naming_the_extra(monke
         "pip install 'cifar-exp[search]' (make install installs every extra)"
     )
     assert config_error(OmegaConf.create({"storage": "sqlite:///optuna.db"})) is None
+
+
+def test_a_trial_asked_but_never_launched_is_failed_by_the_next_search(tmp_path):
+    """A search killed between asking for a trial and launching its job: the trial already has
+    a heartbeat, so the next session finds it stale and marks it failed."""
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=1
+    )
+    study = optuna.create_study(storage=storage, direction="maximize")
+    sweeper = PruningSweeperImpl(
+        sampler=None, direction="maximize", storage=None, study_name=None, n_trials=1,
+        n_jobs=1, max_failure_rate=0.0, search_space=None, custom_search_space=None,
+        params=None,
+    )  # fmt: skip
+    distributions = {"optimizer.lr": optuna.distributions.LogUniformDistribution(0.01, 0.1)}
+    trial, overrides = sweeper.ask_runnable(study, distributions, fixed={})
+    assert overrides == (f"optimizer.lr={trial.params['optimizer.lr']}",)
+    time.sleep(2.5)  # past the grace period, nothing beating: the session was killed
+    fail_stale_trials(study)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]

@@ -168,6 +168,8 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         it does not count in n_trials. ValueError after MAX_REFUSALS_IN_A_ROW in a row."""
         for _ in range(MAX_REFUSALS_IN_A_ROW):
             trial = study.ask()
+            if study._storage.is_heartbeat_enabled():  # killed before its launch: still stale
+                study._storage.record_heartbeat(trial._trial_id)
             try:
                 (overrides,) = self._configure_trials([trial], distributions, fixed)
                 if self.trial_check is None:
