@@ -39,6 +39,7 @@ from hydra_plugins.optuna_pruning_sweeper._impl import (
     MAX_REFUSALS_IN_A_ROW,
     PruningSweeperImpl,
     fail_stale_trials,
+    shown_storage,
 )
 
 
@@ -539,3 +540,11 @@ def test_a_trial_asked_but_never_launched_is_failed_by_the_next_search(tmp_path)
     time.sleep(2.5)  # past the grace period, nothing beating: the session was killed
     fail_stale_trials(study)
     assert [t.state for t in study.trials] == [TrialState.FAIL]
+
+
+def test_the_log_shows_a_storage_url_without_its_password():
+    assert (
+        shown_storage("postgresql://cifar:secret@db/studies") == "postgresql://cifar:***@db/studies"
+    )
+    assert shown_storage("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
+    assert shown_storage(None) == "None"

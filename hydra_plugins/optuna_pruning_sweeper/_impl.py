@@ -121,7 +121,7 @@ class PruningSweeperImpl(OptunaSweeperImpl):
             pruner=self.pruner, directions=directions, load_if_exists=True,
         )  # fmt: skip
         log.info(f"Study name: {study.study_name}")
-        log.info(f"Storage: {self.storage}")
+        log.info(f"Storage: {shown_storage(self.storage)}")
         log.info(f"Sampler: {type(self.sampler).__name__}")
         log.info(f"Pruner: {type(self.pruner).__name__ if self.pruner else None}")
         log.info(f"Directions: {directions}")
@@ -289,6 +289,16 @@ def trial_values(value: Any, n_objectives: int) -> list[float]:
     if len(values) != n_objectives:
         raise ValueError(f"Expected {n_objectives} values, got {len(values)}: {value}")
     return values
+
+
+def shown_storage(storage: Any) -> str:
+    """The storage for the log: a database URL with its password masked (***)."""
+    if not isinstance(storage, str):
+        return str(storage)
+    try:
+        return repr(sqlalchemy.engine.make_url(storage))
+    except sqlalchemy.exc.ArgumentError:
+        return storage
 
 
 def ended_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
