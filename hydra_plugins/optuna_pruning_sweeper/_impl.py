@@ -125,14 +125,13 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         log.info(f"Sampler: {type(self.sampler).__name__}")
         log.info(f"Pruner: {type(self.pruner).__name__ if self.pruner else None}")
         log.info(f"Directions: {directions}")
+        fail_stale_trials(study)  # before the first batch, and after each (below)
         n_trials_to_go = self.n_trials
         if self.trials_per == "study":
-            fail_stale_trials(study)
             ended = len(ended_trials(study))
             n_trials_to_go -= ended
             log.info(f"The study has {ended} of its n_trials={self.n_trials} trials")
         while n_trials_to_go > 0:
-            fail_stale_trials(study)
             batch = [
                 self.ask_runnable(study, distributions, fixed)
                 for _ in range(min(n_trials_to_go, self.n_jobs))
@@ -158,6 +157,7 @@ class PruningSweeperImpl(OptunaSweeperImpl):
                 for ret in returns:
                     ret.return_value  # noqa: B018 (raises the job's own error, with its traceback)
             n_trials_to_go -= len(trials)
+            fail_stale_trials(study)
         self.write_results(study, directions)
 
     def ask_runnable(
